@@ -1,0 +1,162 @@
+"""Reading official DrasCLR checkpoints and our bundle weights, safely (``weights_only=True``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from drasclr_ext.errors import CheckpointError
+from drasclr_ext.networks.encoder import DrasCLREncoder
+
+OFFICIAL_ROUTING = "._routing_fn.fc."
+OUR_ROUTING = ".routing."
+REQUIRED_ENCODER_KEYS = ("conv1.weight", "conv1._routing_fn.fc.weight", "conv4.weight", "bn4.running_var")
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_torch_load(path: str | os.PathLike, expected_sha256: str | None = None) -> Any:
+    """``torch.load`` with ``weights_only=True`` on CPU, with an optional hash check and our errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: give the path of a .pt/.pth/.pth.tar file")
+    if expected_sha256 is not None:
+        actual = sha256sum(path)
+        if actual != expected_sha256.lower():
+            raise CheckpointError(
+                f"checkpoint {path} has sha256 {actual}, expected {expected_sha256}: the file is corrupt or not the "
+                "published one; download it again"
+            )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zips, forbidden globals
+        raise CheckpointError(
+            f"could not read checkpoint {path} with weights_only=True ({type(exc).__name__}: {exc}). "
+            "It is truncated, not a PyTorch checkpoint, or holds arbitrary Python objects we refuse to unpickle"
+        ) from exc
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def official_encoder_state(checkpoint: Mapping[str, Any], encoder: str = "encoder_q") -> dict[str, torch.Tensor]:
+    """The state dict of one encoder of an official checkpoint, in the official key names (prefix removed)."""
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"not an official DrasCLR checkpoint: no 'state_dict' entry (found {found}). Expected the dict that "
+            "DrasCLR's training saves: epoch, arch, optimizer and state_dict with module.encoder_q.* keys"
+        )
+    state = checkpoint["state_dict"]
+    for prefix in (f"module.{encoder}.", f"{encoder}."):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            break
+    else:
+        raise CheckpointError(
+            f"the checkpoint's state_dict has no 'module.{encoder}.*' keys: it is not a DrasCLR training checkpoint"
+        )
+    missing = [k for k in REQUIRED_ENCODER_KEYS if k not in sub]
+    if missing:
+        raise CheckpointError(f"the checkpoint's {encoder} lacks {missing}: it is not a DrasCLR encoder")
+    return sub
+
+
+def official_to_ours(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official encoder keys (``conv1._routing_fn.fc.weight``) to ours (``conv1.routing.weight``)."""
+    return {k.replace(OFFICIAL_ROUTING, OUR_ROUTING): v for k, v in state.items()}
+
+
+def ours_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`official_to_ours`."""
+    return {k.replace(OUR_ROUTING, OFFICIAL_ROUTING): v for k, v in state.items()}
+
+
+def encoder_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``DrasCLREncoder`` arguments inferred from the tensor shapes of an encoder state dict (our key names)."""
+    try:
+        conv1, routing, conv4 = state["conv1.weight"], state["conv1.routing.weight"], state["conv4.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"encoder state dict lacks {exc.args[0]!r}: it is not a DrasCLR encoder") from exc
+    if "fc.0.weight" in state and "fc.2.weight" in state:
+        mlp, moco_dim = True, state["fc.2.weight"].shape[0]
+    elif "fc.weight" in state:
+        mlp, moco_dim = False, state["fc.weight"].shape[0]
+    else:
+        raise CheckpointError(
+            "encoder state dict has no projection head (fc.0/fc.2 or fc): it is not a DrasCLR encoder"
+        )
+    return {
+        "rep_dim": int(conv4.shape[1]),
+        "moco_dim": int(moco_dim),
+        "num_experts": int(conv1.shape[0]),
+        "num_coordinates": int(routing.shape[1]) // 3,
+        "mlp": mlp,
+        "in_channels": int(conv1.shape[2]),
+    }
+
+
+def encoder_from_state(state: Mapping[str, torch.Tensor]) -> DrasCLREncoder:
+    """A ``DrasCLREncoder`` in eval mode built and loaded from a state dict (our key names)."""
+    encoder = DrasCLREncoder(**encoder_config(state))
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the weights do not fit a DrasCLR encoder: {exc}") from exc
+    return encoder.eval()
+
+
+def load_official_encoder(path: str | os.PathLike, expected_sha256: str | None = None) -> DrasCLREncoder:
+    """The query encoder of an official DrasCLR checkpoint, with its shape inferred, in eval mode."""
+    checkpoint = safe_torch_load(path, expected_sha256)
+    return encoder_from_state(official_to_ours(official_encoder_state(checkpoint)))
+
+
+def load_encoder(path: str | os.PathLike, expected_sha256: str | None = None) -> DrasCLREncoder:
+    """An encoder from a bundle ``model.pt`` (a plain encoder state dict) or an official training checkpoint."""
+    obj = safe_torch_load(path, expected_sha256)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        return encoder_from_state(official_to_ours(official_encoder_state(obj)))
+    if isinstance(obj, Mapping):
+        return encoder_from_state(strip_prefix(obj))
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of a DrasCLR encoder")
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``encoder.`` / ``encoder_q.`` prefixes that wrappers add to encoder keys."""
+    out = dict(state)
+    for prefix in ("module.", "encoder_q.", "encoder."):
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix) :]: v for k, v in out.items()}
+    return out
+
+
+def convert_official_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write the query encoder of an official checkpoint as a bundle-ready ``model.pt`` (plain CPU state dict)."""
+    encoder = load_official_encoder(src)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    return save_atomic(state, dst)

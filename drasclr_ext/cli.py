@@ -1,0 +1,41 @@
+"""The ``drasclr`` command line (python-fire). Each command imports its module lazily."""
+
+from __future__ import annotations
+
+import fire
+
+
+def phantom(out: str, n: int = 4, seed: int = 0, **kwargs):
+    """Write ``n`` synthetic lung CT phantoms with emphysema ground truth and a datalist to ``out``."""
+    from drasclr_ext.data.phantom import write_phantom_cohort
+
+    return write_phantom_cohort(out=out, n=n, seed=seed, **kwargs)
+
+
+def preprocess(datalist: str, out: str, atlas: str = "default", workers: int = 1, **kwargs):
+    """Preprocess a cohort (datalist JSON or folder of scans) into anatomical patches under ``out``."""
+    from drasclr_ext.preprocess.cohort import preprocess_cohort
+
+    return preprocess_cohort(datalist=datalist, out=out, atlas=atlas, workers=workers, **kwargs)
+
+
+def convert_checkpoint(src: str, dst: str):
+    """Convert an official DrasCLR training checkpoint into a bundle-ready ``model.pt`` (encoder state dict)."""
+    from drasclr_ext.checkpoint import convert_official_checkpoint
+
+    return str(convert_official_checkpoint(src, dst))
+
+
+def main() -> None:
+    fire.Fire(
+        {
+            "phantom": phantom,
+            "preprocess": preprocess,
+            "convert_checkpoint": convert_checkpoint,
+        },
+        name="drasclr",
+    )
+
+
+if __name__ == "__main__":
+    main()
