@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from drasclr_ext.errors import CheckpointError
+from drasclr_ext.fileio import atomic_write
 from drasclr_ext.networks.encoder import DrasCLREncoder
 
 OFFICIAL_ROUTING = "._routing_fn.fc."
@@ -50,17 +50,7 @@ def safe_torch_load(path: str | os.PathLike, expected_sha256: str | None = None)
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def official_encoder_state(checkpoint: Mapping[str, Any], encoder: str = "encoder_q") -> dict[str, torch.Tensor]:
@@ -136,14 +126,18 @@ def load_official_encoder(path: str | os.PathLike, expected_sha256: str | None =
     return encoder_from_state(official_to_ours(official_encoder_state(checkpoint)))
 
 
+def encoder_state(obj: Any, path: str | os.PathLike = "") -> dict[str, torch.Tensor]:
+    """Encoder state dict (our key names) from a loaded bundle ``model.pt`` or official training checkpoint."""
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        return official_to_ours(official_encoder_state(obj))
+    if isinstance(obj, Mapping):
+        return strip_prefix(obj)
+    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of a DrasCLR encoder")
+
+
 def load_encoder(path: str | os.PathLike, expected_sha256: str | None = None) -> DrasCLREncoder:
     """An encoder from a bundle ``model.pt`` (a plain encoder state dict) or an official training checkpoint."""
-    obj = safe_torch_load(path, expected_sha256)
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        return encoder_from_state(official_to_ours(official_encoder_state(obj)))
-    if isinstance(obj, Mapping):
-        return encoder_from_state(strip_prefix(obj))
-    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of a DrasCLR encoder")
+    return encoder_from_state(encoder_state(safe_torch_load(path, expected_sha256), path))
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,3 +154,38 @@ def convert_official_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) 
     encoder = load_official_encoder(src)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     return save_atomic(state, dst)
+
+
+def large_file_hash(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """The sha256 that the bundle's ``large_files.yml`` lists for ``path`` (None when it lists none)."""
+    listing = Path(bundle_root) / "large_files.yml"
+    if not listing.is_file():
+        return None
+    import yaml
+
+    with open(listing) as f:
+        entries = (yaml.safe_load(f) or {}).get("large_files", [])
+    target = Path(path).resolve()
+    for entry in entries:
+        if (Path(bundle_root) / entry.get("path", "")).resolve() == target and entry.get("hash_type") == "sha256":
+            return entry.get("hash_val") or None
+    return None
+
+
+def load_bundle_weights(
+    network: torch.nn.Module, path: str | os.PathLike, bundle_root: str | os.PathLike | None = None
+) -> torch.nn.Module:
+    """Load encoder weights into ``network`` (strict), checking the sha256 listed in the bundle's large_files.yml.
+
+    ``path`` may be a bundle ``model.pt`` (plain encoder state dict) or an official DrasCLR checkpoint.
+    """
+    expected = large_file_hash(bundle_root, path) if bundle_root is not None else None
+    state = encoder_state(safe_torch_load(path, expected), path)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the bundle's network_def ({exc}); "
+            "set rep_dim/moco_dim/num_experts to those of the checkpoint"
+        ) from exc
+    return network

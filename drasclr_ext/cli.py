@@ -12,11 +12,33 @@ def phantom(out: str, n: int = 4, seed: int = 0, **kwargs):
     return write_phantom_cohort(out=out, n=n, seed=seed, **kwargs)
 
 
-def preprocess(datalist: str, out: str, atlas: str = "default", workers: int = 1, **kwargs):
-    """Preprocess a cohort (datalist JSON or folder of scans) into anatomical patches under ``out``."""
+def preprocess(
+    datalist: str,
+    out: str,
+    atlas: str = "default",
+    workers: int = 1,
+    atlas_path: str = None,
+    k: int = 2,
+    overwrite: bool = False,
+    **kwargs,
+):
+    """Preprocess a cohort (datalist JSON or folder of scans) into anatomical patches under ``out``.
+
+    Writes ``out/<subject>/`` (lung mask, patches, transform, meta.json), ``out/failures.csv`` and ``out/store``;
+    finished subjects are skipped on a rerun. ``--atlas drasclr --atlas_path DIR`` uses the DrasCLR COPDGene atlas.
+    """
     from drasclr_ext.preprocess.cohort import preprocess_cohort
 
-    return preprocess_cohort(datalist=datalist, out=out, atlas=atlas, workers=workers, **kwargs)
+    return preprocess_cohort(
+        datalist=datalist,
+        out=out,
+        atlas=atlas,
+        workers=workers,
+        atlas_path=atlas_path,
+        k=k,
+        overwrite=overwrite,
+        **kwargs,
+    )
 
 
 def convert_checkpoint(src: str, dst: str):

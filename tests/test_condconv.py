@@ -25,7 +25,7 @@ CASES = [
     (8, 8, 3, 2, 1, 1, 1, True, 8, 1, (9, 10, 11)),
     (4, 6, 3, 1, 0, 2, 2, False, 3, 1, (9, 10, 11)),
     (6, 6, 1, 1, 0, 1, 6, True, 4, 2, (9, 10, 11)),
-    (2, 3, 3, 1, 1, 1, 1, True, 2, 1, (16, 16, 17)),  # grouped, channels-last (>= 16^3 voxels)
+    (1, 3, 3, 1, 1, 1, 1, True, 2, 1, (16, 16, 17)),  # grouped, channels-last (one input channel)
     (16, 8, 3, 2, 1, 1, 1, True, 8, 1, (2, 2, 2)),  # one output voxel: expert outputs mixed
     (4, 5, 3, 1, 1, 1, 1, False, 8, 1, (2, 2, 2)),  # 8 output voxels = 8 experts: expert outputs mixed
 ]

@@ -56,5 +56,6 @@ def test_features_wrapper_single_tensor_input():
     x, loc = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 3)
     packed = torch.cat([x, loc[:, :, None, None, None].expand(-1, -1, 32, 32, 32)], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(net(packed), net.encoder(x, loc)[1])
+        torch.testing.assert_close(net(packed), DrasCLREncoder.forward(net, x, loc)[1])
+        assert set(net.state_dict()) == set(DrasCLREncoder(num_experts=2).state_dict())
         torch.testing.assert_close(torch.jit.script(net)(packed), net(packed))

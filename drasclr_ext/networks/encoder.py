@@ -93,18 +93,15 @@ class DrasCLREncoder(nn.Module):
         return self.fc(h), h
 
 
-class DrasCLRFeatures(nn.Module):
-    """Single-tensor wrapper for bundles: ``forward(x, loc) -> h`` (B, rep_dim), as ``verify_net_in_out`` wants.
+class DrasCLRFeatures(DrasCLREncoder):
+    """The encoder with a single-tensor output for bundles: ``forward(x, loc) -> h`` (B, rep_dim).
 
-    ``forward`` also accepts a single tensor (B, 4, 32, 32, 32) whose channels 1..3 hold the location
-    broadcast over the patch, so the network can run behind MONAI inferers that pass one tensor.
+    Same parameters and state dict as :class:`DrasCLREncoder`. ``forward`` also takes one tensor
+    (B, 4, 32, 32, 32) whose channels 1..3 hold the location broadcast over the patch, so that
+    ``monai.bundle verify_net_in_out`` and single-input inferers can call it.
     """
 
-    def __init__(self, **encoder_kwargs) -> None:
-        super().__init__()
-        self.encoder = DrasCLREncoder(**encoder_kwargs)
-
-    def forward(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loc: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if loc is None:
             x, loc = x[:, :1], x[:, 1:4].flatten(2).mean(-1)
-        return self.encoder.represent(x, loc)
+        return self.represent(x, loc)

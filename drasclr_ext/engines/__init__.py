@@ -1,0 +1,1 @@
+"""Ignite engines for DrasCLR pretraining and fine-tuning."""

@@ -1,0 +1,1 @@
+"""Cohort inference: one model load, per-subject outputs, failures recorded without stopping the cohort."""

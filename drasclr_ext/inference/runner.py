@@ -1,0 +1,118 @@
+"""Run a bundle's inference over a cohort: preprocessing -> inferer -> writer, one subject at a time."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.fileio import atomic_write_bytes, atomic_write_json
+from drasclr_ext.preprocess.cohort import read_datalist
+from drasclr_ext.transforms.io import subject_name
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+FAILURES_FILE = "failures.csv"
+
+
+def write_failures(path: PathLike, failures: Sequence[dict[str, str]]) -> Path:
+    """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["subject", "input", "error", "reason"])
+    writer.writeheader()
+    writer.writerows(failures)
+    return atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+class CohortRunner:
+    """Process every scan of a cohort into ``output_dir/<subject>/`` with one loaded model.
+
+    For each scan: ``data = preprocessing({"image": path, "subject": name})``, ``data = inferer(data)``,
+    ``writer(data, output_dir / name)``. The writer writes ``done_file`` last; subjects that have it are skipped
+    (resumable). A scan that fails (our ``DrasCLRError`` or anything unexpected) is listed with its reason in
+    ``output_dir/failures.csv`` and the cohort goes on; ``output_dir/summary.json`` sums up the run.
+
+    Args:
+        dataset: a folder of scans (image files or DICOM series folders), a MONAI datalist JSON, or a list of paths.
+        output_dir: where the per-subject folders go.
+        preprocessing: dict -> dict callable (a MONAI ``Compose`` of our dictionary transforms).
+        inferer: dict -> dict callable that adds the model's outputs.
+        writer: callable ``(data, subject_dir) -> None``.
+        done_file: name of the file the writer writes last.
+        overwrite: process finished subjects again.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        dataset: PathLike | Sequence[PathLike],
+        output_dir: PathLike,
+        preprocessing: Callable[[dict], dict],
+        inferer: Callable[[dict], dict],
+        writer: Callable[[dict, Path], Any],
+        done_file: str = "manifest.json",
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.preprocessing = preprocessing
+        self.inferer = inferer
+        self.writer = writer
+        self.done_file = done_file
+        self.overwrite = overwrite
+        self.progress = progress
+
+    def scans(self) -> list[Path]:
+        if isinstance(self.dataset, (list, tuple)):
+            return [Path(p) for p in self.dataset]
+        return read_datalist(self.dataset)
+
+    def run(self) -> dict[str, Any]:
+        scans = self.scans()
+        if not scans:
+            raise DrasCLRError(
+                f"no scans found in {self.dataset}: give a folder of CT files or DICOM folders, or a datalist JSON"
+            )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        done, skipped, failures = [], [], []
+        start = time.perf_counter()
+        for path in tqdm(scans, desc="subjects", unit="scan", disable=not self.progress):
+            name = subject_name(path)
+            subject_dir = self.output_dir / name
+            if not self.overwrite and (subject_dir / self.done_file).is_file():
+                skipped.append(name)
+                continue
+            try:
+                data = self.inferer(self.preprocessing({"image": str(path), "subject": name}))
+                self.writer(data, subject_dir)
+                done.append(name)
+            except DrasCLRError as exc:
+                logger.error(f"{name}: {exc}")
+                failures.append({"subject": name, "input": str(path), "error": type(exc).__name__, "reason": str(exc)})
+            except Exception as exc:  # one bad scan never stops the cohort
+                logger.error(f"{name}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                failures.append(
+                    {"subject": name, "input": str(path), "error": type(exc).__name__, "reason": f"unexpected: {exc}"}
+                )
+        write_failures(self.output_dir / FAILURES_FILE, failures)
+        summary = {
+            "processed": done,
+            "skipped": skipped,
+            "failed": [f["subject"] for f in failures],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        atomic_write_json(self.output_dir / "summary.json", summary)
+        logger.info(
+            f"{len(done)} processed, {len(skipped)} already done, {len(failures)} failed"
+            + (f" (see {self.output_dir / FAILURES_FILE})" if failures else "")
+        )
+        return summary

@@ -1,0 +1,293 @@
+"""Cohort preprocessing: scans -> lung mask -> atlas registration -> anatomical patches -> patch store.
+
+For each scan, ``out/<subject>/`` receives (each file written atomically; ``meta.json`` last, it marks the subject
+finished so a rerun skips it):
+
+- ``lung_mask.nii.gz``: uint8 labels (1 right, 2 left) in the scan's own geometry;
+- ``patches.npy``: (L, 32, 32, 32) float16 patches in [-1, 1] (float16 halves the disk; its step near +-1 is about
+  0.3 HU);
+- ``locations.npy`` (L, 3) float32, ``neighbours.npy`` (L, k) int64, ``centres_world.npy`` (L, 3) subject RAS mm;
+- ``transform.json``: the :class:`~drasclr_ext.transforms.registration.RegistrationResult`;
+- ``meta.json``: input, geometry, acquisition, lung volumes, registration quality and timings, versions.
+
+``out/failures.csv`` lists the scans that failed with one reason each; ``out/store/`` is the location-grouped patch
+store (:mod:`drasclr_ext.data.patch_store`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
+
+__all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
+
+PathLike = Union[str, os.PathLike]
+FAILURES_FILE = "failures.csv"
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_DATALIST_SECTIONS = ("training", "validation", "test", "testing")
+
+
+def read_datalist(datalist: PathLike) -> list[Path]:
+    """The scans of a MONAI datalist JSON (sections ``training``/``validation``/``test`` of ``{"image": ...}``
+    entries, or a plain list of entries or paths; relative paths resolved against the JSON's folder) or of a folder
+    (each image file and each DICOM series folder is a scan; a folder of DICOM files alone is one scan)."""
+    src = Path(datalist)
+    if src.is_dir():
+        entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+        scans = [p for p in entries if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES)]
+        scans += [p for p in entries if p.is_dir() and any(c.is_file() for c in p.iterdir())]
+        if not scans and any(p.is_file() for p in entries):
+            scans = [src]  # the folder itself is one DICOM series
+        return sorted(scans)
+    if not src.is_file():
+        raise DrasCLRError(f"datalist {src} does not exist; give a MONAI datalist JSON or a folder of scans")
+    try:
+        with open(src) as f:
+            content = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DrasCLRError(f"datalist {src} is not valid JSON ({e}); give a MONAI datalist JSON or a folder") from e
+    if isinstance(content, dict):
+        items: list[Any] = []
+        for section in _DATALIST_SECTIONS:
+            items += list(content.get(section, []) or [])
+    elif isinstance(content, list):
+        items = content
+    else:
+        raise DrasCLRError(f"datalist {src}: expected a JSON object with 'training'/'test' lists or a list")
+    scans: list[Path] = []
+    for item in items:
+        value = item.get("image") if isinstance(item, dict) else item
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, str):
+            raise DrasCLRError(f"datalist {src}: entry {item!r} has no 'image' path")
+        path = Path(value)
+        path = path if path.is_absolute() else src.parent / path
+        if path not in scans:
+            scans.append(path)
+    return scans
+
+
+_PIPELINES: dict[tuple, tuple] = {}  # per process: the atlas transforms, built once
+
+
+def _pipeline(atlas: str, atlas_path: Optional[str], k: int) -> tuple:
+    key = (atlas, atlas_path, k)
+    if key not in _PIPELINES:
+        from drasclr_ext.transforms.patches import AnatomicalPatches
+        from drasclr_ext.transforms.registration import AtlasRegistration
+
+        registration = AtlasRegistration(atlas, atlas_path=atlas_path)
+        _PIPELINES[key] = (registration, AnatomicalPatches(registration.atlas, k=k))
+    return _PIPELINES[key]
+
+
+def _versions() -> dict[str, str]:
+    import itk
+    import monai
+
+    import drasclr_ext
+
+    return {
+        "drasclr_ext": drasclr_ext.__version__,
+        "monai": monai.__version__,
+        "itk": itk.Version.GetITKVersion(),
+        "numpy": np.__version__,
+    }
+
+
+def preprocess_subject(
+    path: PathLike,
+    out: PathLike,
+    atlas: str = "default",
+    atlas_path: Optional[str] = None,
+    k: int = 2,
+    overwrite: bool = False,
+    subject: Optional[str] = None,
+) -> dict[str, Any]:
+    """Preprocess one scan into ``out/<subject>/``; returns ``{"subject", "status": "done"|"skipped", ...}``.
+
+    Raises whatever fails (``DrasCLRError`` subclasses for bad input or a failed registration).
+    """
+    from drasclr_ext.transforms.io import load_ct, save_like, subject_name
+    from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml
+
+    path = Path(path)
+    subject = subject or subject_name(path)
+    subject_dir = Path(out) / subject
+    if (subject_dir / "meta.json").is_file() and not overwrite:
+        return {"subject": subject, "status": "skipped", "path": str(path)}
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    image = load_ct(path)
+    hu = image.numpy()
+    affine = np.asarray(image.affine, dtype=np.float64)
+    timings["read_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lung = compute_lung_mask(hu, affine)
+    timings["lung_mask_s"] = time.perf_counter() - t
+
+    registration, patcher = _pipeline(atlas, atlas_path, k)
+    t = time.perf_counter()
+    result = registration(lung, affine)
+    timings["registration_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    patches = patcher(hu, result, affine=affine)
+    timings["patches_s"] = time.perf_counter() - t
+    if not np.all(np.isfinite(patches["patches"])):
+        raise DrasCLRError(f"{path}: non-finite patch values; check the scan's intensities")
+
+    subject_dir.mkdir(parents=True, exist_ok=True)
+    (subject_dir / "meta.json").unlink(missing_ok=True)  # overwrite: unfinished until meta.json is written again
+    save_like(lung, image, subject_dir / "lung_mask.nii.gz", dtype=np.uint8)
+    atomic_save_npy(subject_dir / "patches.npy", patches["patches"].astype(np.float16))
+    atomic_save_npy(subject_dir / "locations.npy", patches["locations"])
+    atomic_save_npy(subject_dir / "neighbours.npy", patches["neighbours"])
+    atomic_save_npy(subject_dir / "centres_world.npy", patches["centres_world"])
+    result.save(subject_dir / "transform.json")
+    meta = {
+        "subject": subject,
+        "input": str(path.resolve()),
+        "shape": list(hu.shape),
+        "spacing_mm": np.asarray(image.meta.get("spacing", np.linalg.norm(affine[:3, :3], axis=0))).tolist(),
+        "affine": affine.tolist(),
+        "acquisition": image.meta.get("acquisition"),
+        "lung_volume_ml": lung_volumes_ml(lung, affine),
+        "atlas": registration.atlas.name,
+        "num_landmarks": registration.atlas.num_landmarks,
+        "neighbours_k": k,
+        "registration": {
+            "dice": result.dice,
+            "metric": result.metric,
+            "iterations": result.iterations,
+            "seconds": result.seconds,
+            "stop_condition": result.stop_condition,
+        },
+        "patches": {"file": "patches.npy", "dtype": "float16", "range": [-1.0, 1.0], "hu_window": [-1024, 240]},
+        "timings_s": timings,
+        "versions": _versions(),
+    }
+    atomic_write_json(subject_dir / "meta.json", meta)
+    return {"subject": subject, "status": "done", "path": str(path), "dice": result.dice}
+
+
+def _run_one(path: str, out: str, atlas: str, atlas_path: Optional[str], k: int, overwrite: bool, subject: str):
+    """Worker entry: never raises; returns the status dict or a failure dict with the reason."""
+    try:
+        return preprocess_subject(path, out, atlas, atlas_path, k, overwrite, subject)
+    except Exception as e:  # one bad scan never stops the cohort
+        reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+        return {"subject": subject, "status": "failed", "path": path, "error": type(e).__name__, "reason": reason}
+
+
+def _write_failures(out: Path, failures: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["subject", "path", "error", "reason"], lineterminator="\n")
+    writer.writeheader()
+    for f in sorted(failures, key=lambda f: f["subject"]):
+        writer.writerow({key: f.get(key, "") for key in writer.fieldnames})
+    path = out / FAILURES_FILE
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return path
+
+
+def preprocess_cohort(
+    datalist: PathLike,
+    out: PathLike,
+    atlas: str = "default",
+    workers: int = 1,
+    atlas_path: Optional[str] = None,
+    k: int = 2,
+    overwrite: bool = False,
+    build_store: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preprocess every scan of ``datalist`` into ``out`` (see the module docstring); resumable.
+
+    Args:
+        datalist: a MONAI datalist JSON or a folder of scans (see :func:`read_datalist`).
+        out: output folder.
+        atlas: ``"default"`` or ``"drasclr"`` (needs ``atlas_path``), see :func:`drasclr_ext.atlas.load_atlas`.
+        workers: parallel processes (1: in this process).
+        atlas_path: folder of the atlas files.
+        k: neighbours per landmark.
+        overwrite: redo finished subjects.
+        build_store: build/refresh ``out/store`` at the end.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        summary: counts (``total``, ``done``, ``skipped``, ``failed``), ``failures_csv``, ``store``.
+    """
+    from tqdm.auto import tqdm
+
+    from drasclr_ext.atlas import load_atlas
+    from drasclr_ext.data.patch_store import build_patch_store
+    from drasclr_ext.transforms.io import subject_name
+
+    load_atlas(atlas, atlas_path)  # fail fast on a bad atlas, before touching any scan
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scans = read_datalist(datalist)
+    jobs, failures, seen = [], [], set()
+    for path in scans:
+        name = subject_name(path)
+        if name in seen:
+            failures.append(
+                {
+                    "subject": name,
+                    "path": str(path),
+                    "error": "DrasCLRError",
+                    "reason": f"another scan of the datalist has the subject name {name!r}; rename one of them",
+                }
+            )
+            continue
+        seen.add(name)
+        jobs.append((str(path), str(out), str(atlas), atlas_path, int(k), bool(overwrite), name))
+
+    results: list[dict] = []
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="scan", disable=not progress)
+
+    def record(res: dict) -> None:
+        results.append(res)
+        if res["status"] == "failed":
+            failures.append(res)
+            _write_failures(out, failures)
+        bar.set_postfix_str(f"{res['subject']}: {res['status']}")
+        bar.update(1)
+
+    if int(workers) <= 1:
+        for job in jobs:
+            record(_run_one(*job))
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # ITK and torch threads do not survive fork
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=context) as pool:
+            futures = [pool.submit(_run_one, *job) for job in jobs]
+            for future in as_completed(futures):
+                record(future.result())
+    bar.close()
+    failures_csv = _write_failures(out, failures)
+    store = build_patch_store(out) if build_store else None
+    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped")}
+    return {
+        "total": len(scans),
+        "done": counts["done"],
+        "skipped": counts["skipped"],
+        "failed": len(failures),
+        "failures_csv": str(failures_csv),
+        "store": None if store is None else str(store),
+    }

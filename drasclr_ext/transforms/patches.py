@@ -1,0 +1,335 @@
+"""HU windowing and anatomical patches: landmark patches (the DrasCLR input) and dense sliding windows.
+
+Patch geometry (both modes): a patch is a 32^3 grid at 1 mm whose axes are the ATLAS voxel axes (so a patch looks
+the same whatever the subject's storage orientation, as in the reference where subject and atlas share the NIfTI
+orientation), centred at the subject-space image of the atlas patch centre (``corner + 15.5`` atlas voxels mapped
+through the registration). The registration's scale and shear are used to place patches, not to resample them: a
+patch keeps the subject's own 1 mm texture, as in the reference (which resamples the subject to 1 mm and cuts
+axis-aligned patches at the mapped landmarks). HU are sampled with trilinear interpolation
+(``scipy.ndimage.map_coordinates``, order 1); voxels outside the scan read -1024 HU, i.e. -1 after windowing.
+
+Dense windows: a 1 mm grid with the same axes over the lung's bounding box (plus a margin); the location of a window
+is its centre mapped back into the atlas through the inverse transform, minus 15.5 voxels (the corner of a 32^3
+patch centred there), normalised with the atlas landmarks' per-axis maximum exactly like the landmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping, Optional, Union
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRange, Transform
+from scipy import ndimage
+
+from drasclr_ext.atlas import Atlas, load_atlas, normalise_corners
+from drasclr_ext.errors import InputImageError
+from drasclr_ext.transforms.registration import RegistrationResult, _array_and_affine, apply_affine
+
+__all__ = [
+    "HU_MAX",
+    "HU_MIN",
+    "AnatomicalPatches",
+    "AnatomicalPatchesd",
+    "DenseWindowResult",
+    "DenseWindows",
+    "HUWindow",
+    "HUWindowd",
+    "dense_windows",
+    "hu_window",
+    "sample_patches",
+]
+
+HU_MIN, HU_MAX = -1024.0, 240.0
+
+
+def hu_window(hu: np.ndarray, a_min: float = HU_MIN, a_max: float = HU_MAX) -> np.ndarray:
+    """Clip HU to [a_min, a_max] and scale to [-1, 1] (the reference: ``(HU + 1024) / 632 - 1``), float32."""
+    out = np.clip(np.asarray(hu, dtype=np.float32), a_min, a_max)
+    out -= a_min
+    out *= 2.0 / (a_max - a_min)
+    out -= 1.0
+    return out
+
+
+class HUWindow(Transform):
+    """Clip HU to [-1024, 240] and scale to [-1, 1]; keeps the MetaTensor's metadata."""
+
+    def __init__(self, a_min: float = HU_MIN, a_max: float = HU_MAX) -> None:
+        self.scaler = ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=-1.0, b_max=1.0, clip=True)
+
+    def __call__(self, img: Any) -> Any:
+        return self.scaler(img)
+
+
+class HUWindowd(MapTransform):
+    """Dictionary twin of :class:`HUWindow`."""
+
+    def __init__(
+        self, keys: KeysCollection, a_min: float = HU_MIN, a_max: float = HU_MAX, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.window = HUWindow(a_min, a_max)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.window(d[key])
+        return d
+
+
+def _unit_axes(affine: np.ndarray) -> np.ndarray:
+    """The 3x3 matrix of unit direction vectors of an affine's voxel axes (columns)."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return linear / np.linalg.norm(linear, axis=0)
+
+
+def sample_patches(
+    hu: np.ndarray,
+    hu_affine: np.ndarray,
+    centres_world: np.ndarray,
+    axes: np.ndarray,
+    size: int = 32,
+    chunk: int = 32,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Sample (N, size, size, size) windowed patches at 1 mm, centred at ``centres_world``, along unit ``axes``.
+
+    Trilinear interpolation; outside the volume -1024 HU. Works in chunks of ``chunk`` patches to bound memory.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    world_to_voxel = np.linalg.inv(np.asarray(hu_affine, dtype=np.float64))
+    step = world_to_voxel[:3, :3] @ axes  # voxel displacement per 1 mm along each patch axis (columns)
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    grid = np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3)
+    local = grid @ step.T  # (size^3, 3) voxel offsets
+    centres_voxel = apply_affine(world_to_voxel, centres_world)
+    n = len(centres_voxel)
+    if out is None:
+        out = np.empty((n, size, size, size), dtype=np.float32)
+    for start in range(0, n, chunk):
+        c = centres_voxel[start : start + chunk]
+        coords = (c[:, None, :] + local[None]).reshape(-1, 3).T
+        values = ndimage.map_coordinates(hu, coords, order=1, mode="constant", cval=HU_MIN, prefilter=False)
+        out[start : start + len(c)] = hu_window(values).reshape(len(c), size, size, size)
+    return out
+
+
+class AnatomicalPatches(Transform):
+    """32^3 patches at the atlas landmarks mapped into the subject.
+
+    Args:
+        atlas: an :class:`Atlas` or its name.
+        atlas_path: folder of the atlas files, for atlases that need it.
+        k: number of neighbouring landmarks returned per landmark.
+        chunk: landmarks sampled at once (memory bound: ``chunk * 32^3 * 24`` bytes of coordinates).
+
+    ``__call__(image, registration)``: ``image`` a (X, Y, Z) or (1, X, Y, Z) HU MetaTensor (or array plus
+    ``affine=``), ``registration`` a :class:`RegistrationResult`. Returns a dict: ``patches`` (L, 32, 32, 32) float32
+    in [-1, 1], ``locations`` (L, 3) float32, ``neighbours`` (L, k) int64, ``centres_world`` (L, 3) float64 (subject
+    RAS mm).
+    """
+
+    def __init__(
+        self, atlas: Union[Atlas, str] = "default", atlas_path: Optional[str] = None, k: int = 2, chunk: int = 32
+    ) -> None:
+        self.atlas = load_atlas(atlas, atlas_path)
+        self.k = int(k)
+        self.chunk = int(chunk)
+        self._neighbours = self.atlas.neighbours(self.k)
+        self._locations = self.atlas.locations
+
+    def centres_world(self, registration: RegistrationResult) -> np.ndarray:
+        return registration.map_atlas_voxels(self.atlas.affine, self.atlas.centres_voxel)
+
+    def __call__(
+        self, image: Any, registration: RegistrationResult, affine: Optional[np.ndarray] = None
+    ) -> dict[str, np.ndarray]:
+        hu, hu_affine = _array_and_affine(image, affine)
+        centres = self.centres_world(registration)
+        patches = sample_patches(
+            hu, hu_affine, centres, _unit_axes(self.atlas.affine), self.atlas.patch_size, chunk=self.chunk
+        )
+        return {
+            "patches": patches,
+            "locations": self._locations.copy(),
+            "neighbours": self._neighbours.copy(),
+            "centres_world": centres,
+        }
+
+
+class AnatomicalPatchesd(MapTransform):
+    """Dictionary twin of :class:`AnatomicalPatches`: patches of ``d[key]`` (HU) using ``d[registration_key]``.
+
+    Writes ``patches``, ``locations``, ``neighbours`` and ``centres_world`` (prefixed by ``output_prefix``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        registration_key: str = "registration",
+        output_prefix: str = "",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.registration_key = registration_key
+        self.output_prefix = output_prefix
+        self.extractor = AnatomicalPatches(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            for name, value in self.extractor(d[key], d[self.registration_key]).items():
+                d[f"{self.output_prefix}{name}"] = value
+        return d
+
+
+def _box_counts(mask: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
+    """Number of nonzero voxels of ``mask`` in each box ``origin .. origin + size`` (clipped at the edges)."""
+    table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
+    table[1:, 1:, 1:] = (mask > 0).cumsum(0, dtype=np.int64).cumsum(1).cumsum(2)
+    lo = np.clip(origins, 0, np.array(mask.shape))
+    hi = np.clip(origins + size, 0, np.array(mask.shape))
+    (x0, y0, z0), (x1, y1, z1) = lo.T, hi.T
+    t = table
+    return (
+        t[x1, y1, z1]
+        - t[x0, y1, z1]
+        - t[x1, y0, z1]
+        - t[x1, y1, z0]
+        + t[x0, y0, z1]
+        + t[x0, y1, z0]
+        + t[x1, y0, z0]
+        - t[x0, y0, z0]
+    )
+
+
+@dataclass
+class DenseWindowResult:
+    """Sliding windows over the lung on a 1 mm grid with the atlas axes.
+
+    Attributes:
+        grid: (X, Y, Z) float32 windowed HU in [-1, 1] on the 1 mm grid.
+        lung: (X, Y, Z) uint8 lung labels on that grid (nearest neighbour).
+        grid_affine: 4x4 RAS affine of the grid.
+        origins: (N, 3) int64 grid indices of each window's lowest corner.
+        locations: (N, 3) float32 normalised atlas location of each window (see the module docstring).
+        window: window edge in voxels.
+    """
+
+    grid: np.ndarray
+    lung: np.ndarray
+    grid_affine: np.ndarray
+    origins: np.ndarray
+    locations: np.ndarray
+    window: int
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.grid.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def windows(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
+        """(n, W, W, W) float32 window patches (all windows when ``indices`` is None)."""
+        idx = np.arange(len(self.origins)) if indices is None else np.asarray(indices)
+        w = self.window
+        out = np.empty((len(idx), w, w, w), dtype=np.float32)
+        for j, (x, y, z) in enumerate(self.origins[idx]):
+            out[j] = self.grid[x : x + w, y : y + w, z : z + w]
+        return out
+
+    def blend(self, values: np.ndarray, indices: Optional[np.ndarray] = None) -> np.ndarray:
+        """Average window predictions (n, [C,] W, W, W) over overlaps into (C, X, Y, Z) on the grid (0 elsewhere)."""
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 4:
+            values = values[:, None]
+        idx = np.arange(len(self.origins)) if indices is None else np.asarray(indices)
+        w = self.window
+        total = np.zeros((values.shape[1], *self.grid.shape), dtype=np.float32)
+        count = np.zeros(self.grid.shape, dtype=np.float32)
+        for v, (x, y, z) in zip(values, self.origins[idx]):
+            total[:, x : x + w, y : y + w, z : z + w] += v
+            count[x : x + w, y : y + w, z : z + w] += 1.0
+        return total / np.maximum(count, 1.0)
+
+
+def dense_windows(
+    image: Any,
+    lung_mask: Any,
+    registration: RegistrationResult,
+    atlas: Union[Atlas, str] = "default",
+    window: int = 32,
+    stride: int = 16,
+    margin: int = 4,
+    atlas_path: Optional[str] = None,
+    affine: Optional[np.ndarray] = None,
+) -> DenseWindowResult:
+    """Sliding ``window``^3 windows with ``stride`` over the lung (see :class:`DenseWindowResult`).
+
+    ``image`` (HU) and ``lung_mask`` share one grid: MetaTensors, or arrays with ``affine``.
+    """
+    atlas = load_atlas(atlas, atlas_path)
+    hu, hu_affine = _array_and_affine(image, affine)
+    lung, _ = _array_and_affine(lung_mask, hu_affine)
+    if lung.shape != hu.shape:
+        raise InputImageError(f"lung mask shape {lung.shape} differs from the image's {hu.shape}; recompute the mask")
+    nonzero = np.argwhere(lung > 0)
+    if len(nonzero) == 0:
+        raise InputImageError("the lung mask is empty; dense windows need lungs: check the scan and its lung mask")
+    axes = _unit_axes(atlas.affine)
+    # the lung bounding box (voxel box corners) in the grid frame u = axes^T world
+    lo_v, hi_v = nonzero.min(0) - 0.5, nonzero.max(0) + 0.5
+    box = np.array(np.meshgrid(*zip(lo_v, hi_v), indexing="ij")).reshape(3, -1).T
+    u = apply_affine(hu_affine, box) @ axes
+    lo = np.floor(u.min(0)) - margin
+    extent = np.ceil(u.max(0)) + margin - lo + 1
+    counts = np.maximum(1, np.ceil((extent - window) / stride).astype(int) + 1)
+    shape = (counts - 1) * stride + window
+    grid_affine = np.eye(4)
+    grid_affine[:3, :3] = axes
+    grid_affine[:3, 3] = axes @ lo
+    # resample HU (trilinear) and the lung labels (nearest) onto the grid, one x-slab at a time
+    grid_to_voxel = np.linalg.inv(hu_affine) @ grid_affine
+    grid = np.empty(tuple(shape), dtype=np.float32)
+    lung_grid = np.empty(tuple(shape), dtype=np.uint8)
+    lung_u8 = np.asarray(lung, dtype=np.uint8)
+    slab = 16
+    for x0 in range(0, shape[0], slab):
+        n = min(slab, shape[0] - x0)
+        m = grid_to_voxel.copy()
+        m[:3, 3] = apply_affine(grid_to_voxel, [x0, 0, 0])
+        kw = {"output_shape": (n, shape[1], shape[2]), "mode": "constant"}
+        grid[x0 : x0 + n] = hu_window(
+            ndimage.affine_transform(hu, m[:3, :3], m[:3, 3], order=1, cval=HU_MIN, prefilter=False, **kw)
+        )
+        lung_grid[x0 : x0 + n] = ndimage.affine_transform(lung_u8, m[:3, :3], m[:3, 3], order=0, cval=0, **kw)
+    starts = [np.arange(c) * stride for c in counts]
+    origins = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int64)
+    origins = origins[_box_counts(lung_grid, origins, window) > 0]
+    centres_world = apply_affine(grid_affine, origins + (window - 1) / 2.0)
+    atlas_voxel = apply_affine(np.linalg.inv(atlas.affine) @ registration.subject_to_atlas, centres_world)
+    corners = atlas_voxel - (atlas.patch_size - 1) / 2.0
+    locations = normalise_corners(corners, atlas.corners)
+    return DenseWindowResult(grid, lung_grid, grid_affine, origins, locations, int(window))
+
+
+class DenseWindows(Transform):
+    """Array transform for :func:`dense_windows`: ``__call__(image, lung_mask, registration)``."""
+
+    def __init__(
+        self,
+        atlas: Union[Atlas, str] = "default",
+        window: int = 32,
+        stride: int = 16,
+        margin: int = 4,
+        atlas_path: Optional[str] = None,
+    ) -> None:
+        self.atlas = load_atlas(atlas, atlas_path)
+        self.window, self.stride, self.margin = int(window), int(stride), int(margin)
+
+    def __call__(self, image: Any, lung_mask: Any, registration: RegistrationResult) -> DenseWindowResult:
+        return dense_windows(image, lung_mask, registration, self.atlas, self.window, self.stride, self.margin)

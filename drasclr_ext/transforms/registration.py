@@ -1,0 +1,379 @@
+"""Affine registration of a subject's lung mask to an atlas lung mask with ITK.
+
+Fixed image = atlas mask, moving image = subject mask, both binarised and block-averaged onto a coarse grid (3 mm by
+default) so the images are small and smooth; centre-of-mass initialisation (``itk.CenteredTransformInitializer``,
+MOMENTS mode), an ``itk.AffineTransform``, a mean-squares metric on the mask fractions, regular-step gradient descent,
+multi-resolution shrink factors 4, 2, 1 (12, 6 and 3 mm) with smoothing and random metric sampling.
+
+Coordinates: :class:`RegistrationResult` holds ``atlas_to_subject``, a 4x4 matrix mapping atlas RAS WORLD (mm)
+coordinates to subject RAS WORLD coordinates (MONAI's convention; ITK works in LPS internally and the conversion
+``diag(-1, -1, 1)`` is done here), and its inverse ``subject_to_atlas``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from scipy import ndimage
+
+from drasclr_ext.atlas import Atlas, load_atlas
+from drasclr_ext.errors import RegistrationError
+from drasclr_ext.fileio import atomic_write_json
+
+__all__ = [
+    "AtlasRegistration",
+    "AtlasRegistrationd",
+    "RegistrationResult",
+    "apply_affine",
+    "block_average",
+    "dice_in_atlas_space",
+]
+
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 affine to (..., 3) points."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+@dataclass
+class RegistrationResult:
+    """The outcome of :class:`AtlasRegistration`.
+
+    Attributes:
+        atlas_to_subject: 4x4, atlas RAS world (mm) -> subject RAS world (mm).
+        subject_to_atlas: its inverse.
+        dice: Dice of the warped subject mask vs the atlas mask (on the registration grid).
+        metric: final value of the ITK metric (mean squares of the mask fractions, lower is better).
+        iterations: optimiser iterations of the last level.
+        seconds: wall time of the registration.
+        atlas_name: name of the atlas the subject was registered to.
+        stop_condition: the optimiser's stop condition.
+    """
+
+    atlas_to_subject: np.ndarray
+    subject_to_atlas: np.ndarray = field(default=None)  # type: ignore[assignment]
+    dice: float = float("nan")
+    metric: float = float("nan")
+    iterations: int = 0
+    seconds: float = 0.0
+    atlas_name: str = ""
+    stop_condition: str = ""
+
+    def __post_init__(self) -> None:
+        self.atlas_to_subject = np.asarray(self.atlas_to_subject, dtype=np.float64)
+        if self.subject_to_atlas is None:
+            self.subject_to_atlas = np.linalg.inv(self.atlas_to_subject)
+        self.subject_to_atlas = np.asarray(self.subject_to_atlas, dtype=np.float64)
+
+    def atlas_voxel_to_subject_world(self, atlas_affine: np.ndarray) -> np.ndarray:
+        """4x4 mapping atlas voxel indices to subject RAS world coordinates."""
+        return self.atlas_to_subject @ np.asarray(atlas_affine, dtype=np.float64)
+
+    def map_atlas_voxels(self, atlas_affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+        """Subject world coordinates (..., 3) of atlas voxel coordinates (..., 3)."""
+        return apply_affine(self.atlas_voxel_to_subject_world(atlas_affine), ijk)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["atlas_to_subject"] = self.atlas_to_subject.tolist()
+        d["subject_to_atlas"] = self.subject_to_atlas.tolist()
+        d["convention"] = "atlas_to_subject maps atlas RAS world mm to subject RAS world mm"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RegistrationResult:
+        keys = {"atlas_to_subject", "subject_to_atlas", "iterations", "atlas_name"}
+        numbers = {k: float("nan") if d.get(k) is None else float(d[k]) for k in ("dice", "metric", "seconds")}
+        return cls(**{k: d[k] for k in keys if k in d}, **numbers, stop_condition=str(d.get("stop_condition") or ""))
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write as JSON atomically."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> RegistrationResult:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def block_average(mask: np.ndarray, affine: np.ndarray, grid_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lung fraction of ``mask`` on a coarser grid of about ``grid_mm`` (integer block factors per axis).
+
+    Returns the float32 fraction image and its affine (voxel centres at the blocks' centres).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    factors = np.maximum(1, np.round(grid_mm / spacing)).astype(int)
+    shape = np.array(mask.shape) // factors
+    if np.any(shape < 1):
+        raise RegistrationError(f"lung mask of shape {mask.shape} is too small to register; check the scan")
+    cropped = np.asarray(mask[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]) > 0
+    fx, fy, fz = factors
+    # sum over blocks one axis at a time: keeps the temporaries small
+    out = cropped.reshape(shape[0], fx, -1).sum(1, dtype=np.uint16)
+    out = out.reshape(shape[0], shape[1], fy, shape[2] * fz).sum(2, dtype=np.uint16)
+    out = out.reshape(shape[0], shape[1], shape[2], fz).sum(3, dtype=np.uint16)
+    fraction = out.astype(np.float32) / float(fx * fy * fz)
+    grid_affine = affine.copy()
+    grid_affine[:3, :3] = affine[:3, :3] * factors
+    grid_affine[:3, 3] = apply_affine(affine, (factors - 1) / 2.0)
+    return fraction, grid_affine
+
+
+def _itk_image(array: np.ndarray, affine: np.ndarray):
+    """An ``itk.Image[itk.F, 3]`` of an (X, Y, Z) array with a RAS affine (converted to ITK's LPS geometry)."""
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
+    lps = _LPS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3] / spacing)))
+    return image
+
+
+def dice_in_atlas_space(
+    subject_mask: np.ndarray,
+    subject_affine: np.ndarray,
+    atlas_fraction: np.ndarray,
+    atlas_grid_affine: np.ndarray,
+    atlas_to_subject: np.ndarray,
+) -> float:
+    """Dice of the subject mask warped onto the atlas grid (nearest neighbour) vs the atlas mask (fraction >= 0.5)."""
+    atlas_lung = atlas_fraction >= 0.5
+    grid_to_subject_voxel = np.linalg.inv(subject_affine) @ atlas_to_subject @ atlas_grid_affine
+    warped = ndimage.affine_transform(
+        (np.asarray(subject_mask) > 0).astype(np.uint8),
+        grid_to_subject_voxel[:3, :3],
+        offset=grid_to_subject_voxel[:3, 3],
+        output_shape=atlas_fraction.shape,
+        order=0,
+        mode="constant",
+        cval=0,
+    ).astype(bool)
+    total = atlas_lung.sum() + warped.sum()
+    return float(2.0 * np.logical_and(atlas_lung, warped).sum() / total) if total else 0.0
+
+
+class AtlasRegistration(Transform):
+    """Register a subject lung mask to an atlas lung mask (affine, ITK).
+
+    Args:
+        atlas: an :class:`Atlas` or the name of one (see :func:`drasclr_ext.atlas.load_atlas`).
+        atlas_path: folder of the atlas files, for atlases that need it.
+        grid_mm: spacing of the grid the masks are block-averaged onto before registering.
+        shrink_factors: multi-resolution shrink factors (relative to ``grid_mm``).
+        smoothing_sigmas: Gaussian smoothing per level, in mm.
+        iterations: maximum optimiser iterations per level.
+        sampling_fraction: fraction of the fixed voxels the metric samples (random, seeded), one per level or one
+            for all.
+        min_dice: a result below this Dice raises :class:`RegistrationError`.
+        scale_range: singular values of the linear part outside this range raise :class:`RegistrationError`.
+        threads: ITK threads.
+        seed: seed of the metric sampling (registration is deterministic given the seed and threads).
+
+    ``__call__(mask, affine=None)``: a (X, Y, Z) or (1, X, Y, Z) lung mask (MetaTensor with its affine, or an array
+    with ``affine``), returns a :class:`RegistrationResult`.
+    """
+
+    def __init__(
+        self,
+        atlas: Union[Atlas, str] = "default",
+        atlas_path: Optional[str] = None,
+        grid_mm: float = 3.0,
+        shrink_factors: Sequence[int] = (4, 2, 1),
+        smoothing_sigmas: Sequence[float] = (6.0, 3.0, 1.5),
+        iterations: int = 200,
+        sampling_fraction: Union[float, Sequence[float]] = (0.5, 0.25, 0.1),
+        min_dice: float = 0.5,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        threads: int = 2,
+        seed: int = 0,
+    ) -> None:
+        self.atlas = load_atlas(atlas, atlas_path)
+        self.grid_mm = float(grid_mm)
+        self.shrink_factors = [int(s) for s in shrink_factors]
+        self.smoothing_sigmas = [float(s) for s in smoothing_sigmas]
+        if len(self.shrink_factors) != len(self.smoothing_sigmas):
+            raise ValueError("shrink_factors and smoothing_sigmas need one value per level")
+        self.iterations = int(iterations)
+        self.sampling_fraction = sampling_fraction
+        self.min_dice = float(min_dice)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.threads = int(threads)
+        self.seed = int(seed)
+        self._atlas_grid: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    @property
+    def atlas_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The atlas lung fraction on the registration grid and its affine (computed once)."""
+        if self._atlas_grid is None:
+            self._atlas_grid = block_average(self.atlas.mask, self.atlas.affine, self.grid_mm)
+        return self._atlas_grid
+
+    def __call__(self, mask: Any, affine: Optional[np.ndarray] = None) -> RegistrationResult:
+        start = time.perf_counter()
+        array, affine = _array_and_affine(mask, affine)
+        lung_voxels = int(np.count_nonzero(array))
+        if lung_voxels == 0:
+            raise RegistrationError(
+                "the subject lung mask is empty, nothing to register; check the lung mask (and that the scan covers "
+                "the chest)"
+            )
+        fixed_array, fixed_affine = self.atlas_grid
+        moving_array, moving_affine = block_average(array, affine, self.grid_mm)
+        try:
+            matrix, metric, iterations, stop = self._register(fixed_array, fixed_affine, moving_array, moving_affine)
+        except RegistrationError:
+            raise
+        except Exception as e:  # ITK raises RuntimeError with a long text: keep its first line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise RegistrationError(
+                f"ITK registration of the lung mask to atlas {self.atlas.name!r} failed ({reason}); check the lung "
+                "mask and that the scan covers both lungs"
+            ) from e
+        result = RegistrationResult(
+            atlas_to_subject=matrix,
+            metric=metric,
+            iterations=iterations,
+            atlas_name=self.atlas.name,
+            stop_condition=stop,
+        )
+        self._check_linear_part(result)
+        result.dice = dice_in_atlas_space(array, affine, fixed_array, fixed_affine, result.atlas_to_subject)
+        result.seconds = time.perf_counter() - start
+        if not result.dice >= self.min_dice:
+            raise RegistrationError(
+                f"registration to atlas {self.atlas.name!r} diverged: Dice of the warped lung mask vs the atlas is "
+                f"{result.dice:.3f} (< {self.min_dice}); check the lung mask (both lungs, no body or bowel gas) and "
+                "that the scan covers the whole chest"
+            )
+        return result
+
+    def _check_linear_part(self, result: RegistrationResult) -> None:
+        singular = np.linalg.svd(result.atlas_to_subject[:3, :3], compute_uv=False)
+        det = float(np.linalg.det(result.atlas_to_subject[:3, :3]))
+        lo, hi = self.scale_range
+        if not np.all(np.isfinite(result.atlas_to_subject)) or det <= 0 or singular.min() < lo or singular.max() > hi:
+            raise RegistrationError(
+                f"registration to atlas {self.atlas.name!r} diverged: the affine's scales are "
+                f"{np.round(singular, 3).tolist()} (allowed {lo}-{hi}) and its determinant {det:.3f}; check the lung "
+                "mask and that the scan covers both lungs at a normal field of view"
+            )
+
+    def _register(
+        self, fixed_array: np.ndarray, fixed_affine: np.ndarray, moving_array: np.ndarray, moving_affine: np.ndarray
+    ) -> tuple[np.ndarray, float, int, str]:
+        import itk
+
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(self.threads)
+        image_type = itk.Image[itk.F, 3]
+        fixed = _itk_image(fixed_array, fixed_affine)
+        moving = _itk_image(moving_array, moving_affine)
+
+        # centre-of-mass initialisation: ITK Python wraps CenteredTransformInitializer for rigid transforms only,
+        # so initialise a rigid one in MOMENTS mode and copy its centre and translation into the affine
+        rigid = itk.VersorRigid3DTransform[itk.D].New()
+        initializer = itk.CenteredTransformInitializer[type(rigid), image_type, image_type].New(
+            Transform=rigid, FixedImage=fixed, MovingImage=moving
+        )
+        initializer.MomentsOn()
+        initializer.InitializeTransform()
+        transform = itk.AffineTransform[itk.D, 3].New()
+        transform.SetCenter(rigid.GetCenter())
+        transform.SetTranslation(rigid.GetTranslation())
+
+        metric = itk.MeanSquaresImageToImageMetricv4[image_type, image_type].New()
+        # central-difference gradients instead of recursive-Gaussian gradient images: faster, as accurate on
+        # block-averaged masks
+        metric.SetUseMovingImageGradientFilter(False)
+        metric.SetUseFixedImageGradientFilter(False)
+        scales = itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
+        optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
+            LearningRate=4.0,
+            MinimumStepLength=1e-3,
+            RelaxationFactor=0.6,
+            NumberOfIterations=self.iterations,
+            GradientMagnitudeTolerance=1e-6,
+            ReturnBestParametersAndValue=True,
+        )
+        optimizer.SetScalesEstimator(scales)
+
+        registration = itk.ImageRegistrationMethodv4[image_type, image_type].New(
+            FixedImage=fixed, MovingImage=moving, Metric=metric, Optimizer=optimizer, InitialTransform=transform
+        )
+        registration.InPlaceOn()
+        registration.SetNumberOfLevels(len(self.shrink_factors))
+        registration.SetShrinkFactorsPerLevel(self.shrink_factors)
+        registration.SetSmoothingSigmasPerLevel(self.smoothing_sigmas)
+        registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        enums = itk.itkImageRegistrationMethodv4Python.itkImageRegistrationMethodv4Enums
+        registration.SetMetricSamplingStrategy(enums.MetricSamplingStrategy_RANDOM)
+        fractions = self.sampling_fraction
+        if np.ndim(fractions) == 0:
+            fractions = [float(fractions)] * len(self.shrink_factors)
+        registration.SetMetricSamplingPercentagePerLevel([float(f) for f in fractions])
+        registration.MetricSamplingReinitializeSeed(self.seed)
+        registration.Update()
+
+        # ITK: fixed (atlas) LPS point -> moving (subject) LPS point, y = M x + offset
+        m = np.array(itk.array_from_matrix(transform.GetMatrix()), dtype=np.float64)
+        offset = np.array(transform.GetOffset(), dtype=np.float64)
+        lps = np.eye(4)
+        lps[:3, :3], lps[:3, 3] = m, offset
+        matrix = _LPS @ lps @ _LPS
+        return (
+            matrix,
+            float(optimizer.GetValue()),
+            int(optimizer.GetCurrentIteration()),
+            str(optimizer.GetStopConditionDescription()),
+        )
+
+
+def _array_and_affine(mask: Any, affine: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A (X, Y, Z) numpy mask and its affine from a MetaTensor / tensor / array (channel dim of 1 dropped)."""
+    if affine is None:
+        affine = getattr(mask, "affine", None)
+        if affine is None:
+            raise RegistrationError("the lung mask has no affine; pass a MetaTensor or `affine`")
+    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
+    array = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise RegistrationError(f"expected a 3D lung mask (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}")
+    return array, affine
+
+
+class AtlasRegistrationd(MapTransform):
+    """Dictionary twin of :class:`AtlasRegistration`: registers ``d[key]`` (the lung mask) and stores the
+    :class:`RegistrationResult` under ``result_key``."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "lung_mask",
+        result_key: str = "registration",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.result_key = result_key
+        self.registration = AtlasRegistration(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.result_key] = self.registration(d[key])
+        return d

@@ -1,0 +1,187 @@
+"""Synthetic lung CT phantoms: anatomy, determinism, exact ground truth, emphysema zones, cohort writer."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from drasclr_ext.data import phantom as phantom_module
+from drasclr_ext.data.phantom import canonical_lung_mask, generate_phantom, write_phantom_cohort
+from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent
+
+SMALL = (112, 112, 72)  # ~3 mm voxels: fast, still shows every subtype
+
+
+@pytest.fixture(scope="module")
+def severe_mixed():
+    return generate_phantom(4, shape=SMALL, severity="severe", subtypes="centrilobular+paraseptal")
+
+
+@pytest.fixture(scope="module")
+def severe_panlobular():
+    return generate_phantom(5, shape=SMALL, severity="severe", subtypes="panlobular")
+
+
+def _world(affine, mask):
+    ijk = np.argwhere(mask)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def test_canonical_lung_mask_has_two_adult_lungs_right_on_ras_plus_x():
+    mask, affine = canonical_lung_mask(spacing_mm=2.0)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1, 2}
+    vol = {k: np.count_nonzero(mask == k) * 8e-6 for k in (1, 2)}  # litres at 2 mm
+    assert 2.5 < vol[2] < vol[1] < 3.8  # the heart makes the left lung smaller
+    assert _world(affine, mask == 1)[:, 0].mean() > 0 > _world(affine, mask == 2)[:, 0].mean()
+
+
+def test_canonical_lung_mask_apex_is_narrower_than_the_base():
+    mask, _ = canonical_lung_mask(spacing_mm=2.0)
+    area = np.count_nonzero(mask, axis=(0, 1))
+    z = np.flatnonzero(area)
+    top, widest = area[z[-1] - 10], area.max()  # 2 cm below the apex
+    assert top < 0.35 * widest and np.argmax(area) < z[0] + 0.6 * (z[-1] - z[0])
+
+
+def test_generate_is_deterministic_per_seed():
+    a = generate_phantom(7, shape=(64, 64, 40))
+    b = generate_phantom(7, shape=(64, 64, 40))
+    c = generate_phantom(8, shape=(64, 64, 40))
+    for key in ("image", "label", "lung_mask", "affine"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["info"] == b["info"]
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_label_is_exactly_the_lung_mask_with_subtypes(severe_mixed):
+    out = severe_mixed
+    assert out["image"].dtype == np.float32 and out["label"].dtype == np.uint8 and out["lung_mask"].dtype == np.uint8
+    np.testing.assert_array_equal(out["label"] > 0, out["lung_mask"] > 0)
+    assert set(np.unique(out["label"])) <= {0, 1, 2, 3, 4}
+    assert {2, 3} <= set(np.unique(out["label"]))
+
+
+def test_info_equals_recomputation_on_the_image(severe_mixed):
+    out = severe_mixed
+    expected = emphysema_report(out["image"], out["lung_mask"], out["affine"], out["label"])
+    for key in ("laa950_percent", "perc15_hu", "lung_volume_ml", "subtype_fractions", "cle_grade", "pse_grade"):
+        assert out["info"][key] == expected[key]
+    lung = out["lung_mask"] > 0
+    assert out["info"]["subtype_fractions"]["paraseptal"] == np.count_nonzero(out["label"] == 3) / lung.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_healthy_phantoms_have_low_laa950(seed):
+    out = generate_phantom(seed, shape=SMALL, severity="healthy", kernel="sharp")
+    assert laa950_percent(out["image"], out["lung_mask"]) < 5.0
+    assert set(np.unique(out["label"])) == {0, 1}
+    assert -880 < np.median(out["image"][out["label"] == 1]) < -820
+
+
+def test_severe_phantoms_have_high_laa950(severe_mixed, severe_panlobular):
+    assert severe_mixed["info"]["laa950_percent"] > 15.0
+    assert severe_panlobular["info"]["laa950_percent"] > 15.0
+
+
+def _relative_centroid_height(out, value):
+    z = _world(out["affine"], out["label"] == value)[:, 2]
+    lung_z = _world(out["affine"], out["lung_mask"] > 0)[:, 2]
+    return (z.mean() - lung_z.min()) / (lung_z.max() - lung_z.min())
+
+
+def test_centrilobular_and_paraseptal_are_upper_zone_panlobular_lower(severe_mixed, severe_panlobular):
+    lung_centre = _relative_centroid_height(severe_mixed, 1)
+    assert _relative_centroid_height(severe_mixed, 2) > lung_centre + 0.05
+    assert _relative_centroid_height(severe_mixed, 3) > lung_centre + 0.05
+    assert _relative_centroid_height(severe_panlobular, 4) < _relative_centroid_height(severe_panlobular, 1) - 0.05
+
+
+def test_paraseptal_cysts_are_subpleural(severe_mixed):
+    from scipy import ndimage
+
+    out = severe_mixed
+    spacing = np.abs(np.diag(out["affine"])[:3])
+    depth = ndimage.distance_transform_edt(out["lung_mask"] > 0, sampling=spacing)
+    assert np.median(depth[out["label"] == 3]) < np.median(depth[out["label"] == 2])
+
+
+def test_panlobular_prunes_vessels(severe_panlobular):
+    out = severe_panlobular
+    dense = out["image"] > -500  # vessels and walls inside the lung
+    ple, normal = out["label"] == 4, out["label"] == 1
+    assert dense[ple].mean() < 0.5 * dense[normal].mean()
+
+
+def test_lung_template_gives_the_template_shape():
+    mask, affine = canonical_lung_mask(spacing_mm=3.0)
+    out = generate_phantom(3, shape=(80, 80, 56), severity="healthy", lung_template=(mask, affine))
+    assert set(np.unique(out["lung_mask"])) == {0, 1, 2}
+    assert _world(out["affine"], out["lung_mask"] == 1)[:, 0].mean() > 0  # right lung on RAS +x
+
+
+def test_atlas_lung_mask_as_template(drasclr_atlas_dir):
+    out = generate_phantom(
+        2, shape=(80, 80, 56), severity="healthy", lung_template=drasclr_atlas_dir / "atlas_lung_mask.nii.gz"
+    )
+    vol = {k: np.count_nonzero(out["lung_mask"] == k) for k in (1, 2)}
+    assert vol[1] > 0 and vol[2] > 0
+    assert (
+        _world(out["affine"], out["lung_mask"] == 1)[:, 0].mean()
+        > _world(out["affine"], out["lung_mask"] == 2)[:, 0].mean()
+    )
+
+
+@pytest.mark.parametrize("kwargs", [{"severity": "extreme"}, {"kernel": "soft"}, {"subtypes": "bullous"}])
+def test_bad_options_raise_our_error(kwargs):
+    with pytest.raises(DrasCLRError, match="use one of|use 'smooth'"):
+        generate_phantom(0, shape=(32, 32, 16), **kwargs)
+
+
+def test_too_small_field_of_view_raises():
+    with pytest.raises(DrasCLRError, match="field of view"):
+        generate_phantom(0, shape=(32, 32, 16), spacing=(1.0, 1.0, 1.0))
+
+
+def test_cohort_writes_cases_and_datalist_and_resumes(tmp_path, monkeypatch):
+    from monai.data import load_decathlon_datalist
+
+    path = write_phantom_cohort(tmp_path, n=3, seed=20, shape=(48, 48, 32))
+    datalist = json.loads((tmp_path / "datalist.json").read_text())
+    assert path == str(tmp_path / "datalist.json")
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
+    entry = datalist["test"][0]
+    assert entry == {
+        "image": "phantom_00022_image.nii.gz",
+        "label": "phantom_00022_label.nii.gz",
+        "lung": "phantom_00022_lung.nii.gz",
+        "info": "phantom_00022.json",
+    }
+    img = nib.load(tmp_path / entry["image"])
+    lab = np.asarray(nib.load(tmp_path / entry["label"]).dataobj)
+    lung = np.asarray(nib.load(tmp_path / entry["lung"]).dataobj)
+    info = json.loads((tmp_path / entry["info"]).read_text())
+    assert img.shape == (48, 48, 32) and lab.dtype == np.uint8
+    np.testing.assert_array_equal(lab > 0, lung > 0)
+    assert info["laa950_percent"] == pytest.approx(laa950_percent(np.asarray(img.dataobj), lung))
+    loaded = load_decathlon_datalist(path, data_list_key="training", base_dir=tmp_path)
+    assert loaded[0]["image"] == str(tmp_path / "phantom_00020_image.nii.gz")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a written case was generated again")
+
+    monkeypatch.setattr(phantom_module, "generate_phantom", fail)
+    write_phantom_cohort(tmp_path, n=3, seed=20, shape=(48, 48, 32))  # resumes: nothing regenerated
+    (tmp_path / "phantom_00021.json").unlink()  # an incomplete case is regenerated
+    with pytest.raises(AssertionError, match="generated again"):
+        write_phantom_cohort(tmp_path, n=3, seed=20, shape=(48, 48, 32))
+
+
+def test_cli_phantom_command(tmp_path):
+    from drasclr_ext.cli import phantom
+
+    path = phantom(str(tmp_path), n=1, seed=3, shape=(40, 40, 24))
+    assert json.loads(open(path).read())["training"][0]["image"] == "phantom_00003_image.nii.gz"
