@@ -14,7 +14,6 @@ Any other name with a ``path`` loads a custom atlas folder with the same two fil
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Optional, Union
 import numpy as np
 
 from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.fileio import sha256sum
 
 __all__ = [
     "Atlas",
@@ -36,7 +36,6 @@ __all__ = [
     "build_landmarks",
     "load_atlas",
     "normalise_corners",
-    "sha256_of",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -122,6 +121,27 @@ class Atlas:
         return np.argsort(d2, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
+def box_counts(mask: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
+    """Nonzero voxels of ``mask`` in each box ``origin .. origin + size`` (clipped at the edges), via a summed-volume
+    table: O(1) per box."""
+    table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
+    table[1:, 1:, 1:] = (np.asarray(mask) > 0).cumsum(0, dtype=np.int64).cumsum(1).cumsum(2)
+    lo = np.clip(origins, 0, np.array(mask.shape))
+    hi = np.clip(origins + size, 0, np.array(mask.shape))
+    (x0, y0, z0), (x1, y1, z1) = lo.T, hi.T
+    t = table
+    return (
+        t[x1, y1, z1]
+        - t[x0, y1, z1]
+        - t[x1, y0, z1]
+        - t[x1, y1, z0]
+        + t[x0, y0, z1]
+        + t[x0, y1, z0]
+        + t[x1, y0, z0]
+        - t[x0, y0, z0]
+    )
+
+
 def build_landmarks(mask: np.ndarray, patch: int = 32, step: int = 26, min_lung_fraction: float = 0.1) -> np.ndarray:
     """Corners of the landmark patches of a 1 mm lung mask, as in the reference.
 
@@ -132,33 +152,11 @@ def build_landmarks(mask: np.ndarray, patch: int = 32, step: int = 26, min_lung_
     lung = np.asarray(mask) > 0
     if lung.ndim != 3:
         raise DrasCLRError(f"build_landmarks needs a 3D mask, got shape {lung.shape}")
-    # summed-volume table: the lung count of every patch in O(1)
-    table = np.zeros(tuple(s + 1 for s in lung.shape), dtype=np.int32)
-    table[1:, 1:, 1:] = lung.cumsum(0, dtype=np.int32).cumsum(1).cumsum(2)
     starts = [np.arange(0, n, step) for n in lung.shape]
-    x0, y0, z0 = np.meshgrid(*starts, indexing="ij")
-    x1, y1, z1 = (np.minimum(s + patch, n) for s, n in zip((x0, y0, z0), lung.shape))
-    t = table
-    counts = (
-        t[x1, y1, z1]
-        - t[x0, y1, z1]
-        - t[x1, y0, z1]
-        - t[x1, y1, z0]
-        + t[x0, y0, z1]
-        + t[x0, y1, z0]
-        + t[x1, y0, z0]
-        - t[x0, y0, z0]
-    )
+    corners = np.stack([c.ravel() for c in np.meshgrid(*starts, indexing="ij")], axis=1)
+    counts = box_counts(lung, corners, patch)
     keep = counts > min_lung_fraction * patch**3
-    return np.stack([x0[keep], y0[keep], z0[keep]], axis=1).astype(np.int64)
-
-
-def sha256_of(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return corners[keep].astype(np.int64)
 
 
 def _read_atlas_folder(
@@ -175,7 +173,7 @@ def _read_atlas_folder(
             f"{ATLAS_MASK_FILE} and {ATLAS_CORNERS_FILE}"
         )
     for key, expected in (expected_sha256 or {}).items():
-        actual = sha256_of(files[key])
+        actual = sha256sum(files[key])
         if actual != expected:
             raise DrasCLRError(
                 f"atlas {name!r}: {files[key]} has sha256 {actual}, expected {expected}; the file is corrupt or "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,21 +9,24 @@ from typing import Any, Mapping
 import torch
 
 from drasclr_ext.errors import CheckpointError
-from drasclr_ext.fileio import atomic_write
+from drasclr_ext.fileio import atomic_write, sha256sum
 from drasclr_ext.networks.encoder import DrasCLREncoder
+
+__all__ = [
+    "convert_official_checkpoint",
+    "encoder_config",
+    "encoder_from_state",
+    "load_bundle_weights",
+    "load_encoder",
+    "load_official_encoder",
+    "safe_torch_load",
+    "save_atomic",
+    "sha256sum",
+]
 
 OFFICIAL_ROUTING = "._routing_fn.fc."
 OUR_ROUTING = ".routing."
 REQUIRED_ENCODER_KEYS = ("conv1.weight", "conv1._routing_fn.fc.weight", "conv4.weight", "bn4.running_var")
-
-
-def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safe_torch_load(path: str | os.PathLike, expected_sha256: str | None = None) -> Any:

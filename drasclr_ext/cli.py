@@ -48,12 +48,20 @@ def convert_checkpoint(src: str, dst: str):
     return str(convert_official_checkpoint(src, dst))
 
 
+def demo(out: str = "drasclr_demo", bundle: str | None = None, seed: int = 0):
+    """Embed a generated phantom chest CT with the pretraining bundle (the embedded default input)."""
+    from drasclr_ext.demo import run_demo
+
+    run_demo(out=out, bundle=bundle, seed=seed)
+
+
 def main() -> None:
     fire.Fire(
         {
             "phantom": phantom,
             "preprocess": preprocess,
             "convert_checkpoint": convert_checkpoint,
+            "demo": demo,
         },
         name="drasclr",
     )

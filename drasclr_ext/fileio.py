@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -64,3 +65,12 @@ def json_safe(value: Any) -> Any:
 def atomic_write_json(path: PathLike, content: Any) -> Path:
     """Write ``content`` as indented JSON (through :func:`json_safe`) atomically."""
     return atomic_write_bytes(path, (json.dumps(json_safe(content), indent=2) + "\n").encode())
+
+
+def sha256sum(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,9 +22,9 @@ from drasclr_ext.atlas import (
     ATLAS_MASK_FILE,
     DEFAULT_ATLAS_FILES,
     build_landmarks,
-    sha256_of,
 )
 from drasclr_ext.data.phantom import canonical_lung_mask
+from drasclr_ext.fileio import sha256sum
 
 
 def make_default_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,7 +55,7 @@ def write_default_atlas(out: Path = ASSETS_DIR) -> None:
     np.save(tmp, corners)
     os.replace(tmp, corners_path)
     for path in (mask_path, corners_path):
-        print(f"{path}  {path.stat().st_size} bytes  sha256 {sha256_of(path)}")
+        print(f"{path}  {path.stat().st_size} bytes  sha256 {sha256sum(path)}")
     print(f"mask {mask.shape}, {len(corners)} landmarks")
 
 

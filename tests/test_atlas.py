@@ -9,8 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from drasclr_ext.atlas import Atlas, build_landmarks, load_atlas, sha256_of
+from drasclr_ext.atlas import Atlas, build_landmarks, load_atlas
 from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.fileio import sha256sum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,4 +78,4 @@ def test_default_atlas_assets_match_the_generator():
     np.testing.assert_array_equal(atlas.mask, mask)
     np.testing.assert_allclose(atlas.affine, affine, atol=1e-5)
     np.testing.assert_array_equal(atlas.corners, corners)
-    assert sha256_of(REPO / "drasclr_ext" / "assets" / "default_atlas_patch_loc.npy")
+    assert sha256sum(REPO / "drasclr_ext" / "assets" / "default_atlas_patch_loc.npy")

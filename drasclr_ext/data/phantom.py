@@ -750,7 +750,7 @@ def generate_phantom(
     sigma = np.array([psf_mm / sp[0], psf_mm / sp[1], 0.42 * 1.0])  # slice profile ~ one slice FWHM
     hu = ndi.gaussian_filter(hu, sigma)
     if subject.kernel == "sharp":
-        hu = hu + 0.5 * (hu - ndi.gaussian_filter(hu, 1.2 / sp))
+        hu = hu + 0.3 * (hu - ndi.gaussian_filter(hu, 1.2 / sp))
     noise = ndi.gaussian_filter(rng.standard_normal(shp, dtype=np.float32), (0.6, 0.6, 0.3))
     noise *= np.float32(subject.noise_hu / (noise.std() + 1e-6))
     image = np.round(np.clip(hu + noise, -1024.0, 3071.0)).astype(np.float32)  # integer HU, as scanners store

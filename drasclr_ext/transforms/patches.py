@@ -23,7 +23,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, Transform
 from scipy import ndimage
 
-from drasclr_ext.atlas import Atlas, load_atlas, normalise_corners
+from drasclr_ext.atlas import Atlas, box_counts, load_atlas, normalise_corners
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.transforms.registration import RegistrationResult, _array_and_affine, apply_affine
 
@@ -186,26 +186,6 @@ class AnatomicalPatchesd(MapTransform):
         return d
 
 
-def _box_counts(mask: np.ndarray, origins: np.ndarray, size: int) -> np.ndarray:
-    """Number of nonzero voxels of ``mask`` in each box ``origin .. origin + size`` (clipped at the edges)."""
-    table = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int64)
-    table[1:, 1:, 1:] = (mask > 0).cumsum(0, dtype=np.int64).cumsum(1).cumsum(2)
-    lo = np.clip(origins, 0, np.array(mask.shape))
-    hi = np.clip(origins + size, 0, np.array(mask.shape))
-    (x0, y0, z0), (x1, y1, z1) = lo.T, hi.T
-    t = table
-    return (
-        t[x1, y1, z1]
-        - t[x0, y1, z1]
-        - t[x1, y0, z1]
-        - t[x1, y1, z0]
-        + t[x0, y0, z1]
-        + t[x0, y1, z0]
-        + t[x1, y0, z0]
-        - t[x0, y0, z0]
-    )
-
-
 @dataclass
 class DenseWindowResult:
     """Sliding windows over the lung on a 1 mm grid with the atlas axes.
@@ -309,7 +289,7 @@ def dense_windows(
         lung_grid[x0 : x0 + n] = ndimage.affine_transform(lung_u8, m[:3, :3], m[:3, 3], order=0, cval=0, **kw)
     starts = [np.arange(c) * stride for c in counts]
     origins = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int64)
-    origins = origins[_box_counts(lung_grid, origins, window) > 0]
+    origins = origins[box_counts(lung_grid, origins, window) > 0]
     centres_world = apply_affine(grid_affine, origins + (window - 1) / 2.0)
     atlas_voxel = apply_affine(np.linalg.inv(atlas.affine) @ registration.subject_to_atlas, centres_world)
     corners = atlas_voxel - (atlas.patch_size - 1) / 2.0
