@@ -153,4 +153,6 @@ def test_embeddings_of_a_phantom_and_the_real_ct(tmp_path, lung_ct_dir):
         assert manifest["files"]["patch_embeddings"]["shape"] == [n, 128]
         assert manifest["registration_dice"] > 0.5
     with open(out / "failures.csv") as f:
-        assert [row["subject"] for row in csv.DictReader(f)] == ["broken"]
+        rows = list(csv.DictReader(f))
+    assert [row["subject"] for row in rows] == ["broken"]
+    assert rows[0]["error"] == "InputImageError" and "could not read" in rows[0]["reason"]  # our message, unwrapped

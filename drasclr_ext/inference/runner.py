@@ -23,6 +23,17 @@ PathLike = Union[str, os.PathLike]
 FAILURES_FILE = "failures.csv"
 
 
+def our_error(exc: BaseException) -> DrasCLRError | None:
+    """Our ``DrasCLRError`` behind ``exc``: MONAI's ``Compose`` wraps transform errors in a ``RuntimeError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DrasCLRError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def write_failures(path: PathLike, failures: Sequence[dict[str, str]]) -> Path:
     """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
     buffer = io.StringIO()
@@ -95,14 +106,15 @@ class CohortRunner:
                 data = self.inferer(self.preprocessing({"image": str(path), "subject": name}))
                 self.writer(data, subject_dir)
                 done.append(name)
-            except DrasCLRError as exc:
-                logger.error(f"{name}: {exc}")
-                failures.append({"subject": name, "input": str(path), "error": type(exc).__name__, "reason": str(exc)})
             except Exception as exc:  # one bad scan never stops the cohort
-                logger.error(f"{name}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-                failures.append(
-                    {"subject": name, "input": str(path), "error": type(exc).__name__, "reason": f"unexpected: {exc}"}
-                )
+                ours = our_error(exc)
+                if ours is not None:
+                    logger.error(f"{name}: {ours}")
+                    reason, error = str(ours), type(ours).__name__
+                else:
+                    logger.error(f"{name}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                    reason, error = f"unexpected: {exc}", type(exc).__name__
+                failures.append({"subject": name, "input": str(path), "error": error, "reason": reason})
         write_failures(self.output_dir / FAILURES_FILE, failures)
         summary = {
             "processed": done,

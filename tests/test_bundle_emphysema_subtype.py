@@ -1,0 +1,133 @@
+"""The dense emphysema subtype bundle, as the model zoo tests bundles: metadata, network checks, shipped weights,
+the embedded-phantom inference run and a broken input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+from drasclr_ext.checkpoint import load_bundle_weights
+from drasclr_ext.errors import CheckpointError
+from drasclr_ext.metrics.emphysema import emphysema_report
+from drasclr_ext.networks.heads import DrasCLRSubtypeNet
+from drasclr_ext.transforms.io import load_ct
+from tests.bundle_utils import bundle_dir, config
+from tests.conftest import shared_path
+
+NAME = "drasclr_emphysema_subtype"
+BUNDLE = bundle_dir(NAME)
+META = str(BUNDLE / "configs" / "metadata.json")
+MODEL = BUNDLE / "models" / "model.pt"
+FAST = {"phantom_resolution_scale": 4.0, "window_stride": 32}
+
+
+def inference_workflow(output_dir, **overrides) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=config(NAME, "inference.json"),
+        meta_file=META,
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        output_dir=str(output_dir),
+        **{**FAST, **overrides},
+    )
+
+
+def test_metadata_follows_the_schema():
+    verify_metadata(meta_file=META, filepath=str(shared_path("schemas", "meta_schema_20240725.json")))
+
+
+def test_network_in_out_and_torchscript_export(tmp_path):
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config(NAME, "inference.json")[0])
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_path),
+        ckpt_file=str(MODEL),
+        meta_file=META,
+        config_file=config(NAME, "inference.json")[0],
+    )
+    exported = torch.jit.load(str(ts_path))
+    net = load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE).eval()
+    x = torch.rand(2, 4, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x))
+
+
+def test_shipped_weights_hold_the_pretrained_encoder_and_match_their_hash(tmp_path):
+    net = load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE)
+    ssl = torch.load(bundle_dir("drasclr_lung_ct_ssl") / "models" / "model.pt", weights_only=True)
+    for key, value in ssl.items():
+        torch.testing.assert_close(net.encoder.state_dict()[key], value)
+    tampered = tmp_path / "bundle"
+    (tampered / "models").mkdir(parents=True)
+    (tampered / "large_files.yml").write_text((BUNDLE / "large_files.yml").read_text())
+    data = bytearray(MODEL.read_bytes())
+    data[-100] ^= 0xFF
+    (tampered / "models" / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_bundle_weights(DrasCLRSubtypeNet(), tampered / "models" / "model.pt", tampered)
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory):
+    """The bundle with no dataset_dir: it generates one phantom and maps it."""
+    out = tmp_path_factory.mktemp("emphysema")
+    workflow = inference_workflow(out)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return out
+
+
+def test_embedded_phantom_maps_are_in_the_input_geometry(embedded_run):
+    scan = load_ct(embedded_run / "embedded_phantom" / "phantom_00000.nii.gz")
+    subject = embedded_run / "phantom_00000"
+    lung = np.asarray(nib.load(subject / "lung_mask.nii.gz").dataobj)
+    for name in ("subtype_label", "subtype_prob", "lung_mask"):
+        img = nib.load(subject / f"{name}.nii.gz")
+        assert img.shape[:3] == tuple(scan.shape)
+        np.testing.assert_allclose(img.affine, np.asarray(scan.affine), atol=1e-5)
+    label = np.asarray(nib.load(subject / "subtype_label.nii.gz").dataobj)
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(label > 0, lung > 0)
+    assert (subject / "overview.png").is_file()
+
+
+def test_embedded_phantom_report_is_the_emphysema_report_of_the_input(embedded_run):
+    scan = load_ct(embedded_run / "embedded_phantom" / "phantom_00000.nii.gz")
+    subject = embedded_run / "phantom_00000"
+    lung = np.asarray(nib.load(subject / "lung_mask.nii.gz").dataobj)
+    label = np.asarray(nib.load(subject / "subtype_label.nii.gz").dataobj)
+    report = json.loads((subject / "report.json").read_text())
+    expected = emphysema_report(scan.numpy(), lung, np.asarray(scan.affine), label)
+    assert report["laa950_percent"] == pytest.approx(expected["laa950_percent"], abs=1e-9)
+    for region in ("left", "right_upper", "lower"):
+        got, want = report["regions"][region], expected["regions"][region]
+        assert got["laa950_percent"] == pytest.approx(want["laa950_percent"])
+        assert got["subtype_fractions"] == pytest.approx(want["subtype_fractions"])
+    assert report["subtype_fractions"] == pytest.approx(expected["subtype_fractions"])
+    assert report["cle_grade"] == expected["cle_grade"] and report["pse_grade"] == expected["pse_grade"]
+    assert report["model"]["bundle_version"] == json.loads(open(META).read())["version"]
+    assert report["registration_dice"] > 0.7
+    assert report["dense"]["windows"] > 50
+
+
+def test_a_broken_file_is_listed_in_failures(tmp_path):
+    broken = tmp_path / "scans" / "broken.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x1f\x8b truncated")
+    workflow = inference_workflow(tmp_path / "out", dataset_dir=str(broken.parent))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    with open(tmp_path / "out" / "failures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["subject"] for r in rows] == ["broken"]
+    assert not (tmp_path / "out" / "broken" / "report.json").exists()
