@@ -46,3 +46,35 @@ def run_bundle_cli(args: list[str], cwd: Path, timeout: float = 600) -> subproce
 
 
 PYTHON = sys.executable
+
+
+def check_metadata(name: str) -> None:
+    """The bundle's metadata validates against the 2024-07-25 schema in ../shared."""
+    from monai.bundle import verify_metadata
+
+    from tests.conftest import shared_path
+
+    meta = str(bundle_dir(name) / "configs" / "metadata.json")
+    verify_metadata(meta_file=meta, filepath=str(shared_path("schemas", "meta_schema_20240725.json")))
+
+
+def check_network_export(name: str, network, tmp_path: Path) -> None:
+    """``verify_net_in_out`` passes, and ``ckpt_export``'s TorchScript equals ``network`` with the shipped weights."""
+    import torch
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    from drasclr_ext.checkpoint import load_bundle_weights
+
+    bundle = bundle_dir(name)
+    meta, inference = str(bundle / "configs" / "metadata.json"), config(name, "inference.json")[0]
+    model = bundle / "models" / "model.pt"
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=inference)
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def", filepath=str(ts_path), ckpt_file=str(model), meta_file=meta, config_file=inference
+    )
+    exported = torch.jit.load(str(ts_path))
+    net = load_bundle_weights(network, model, bundle).eval()
+    x = torch.rand(2, 4, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x))

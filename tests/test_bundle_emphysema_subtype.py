@@ -10,15 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigWorkflow
 
 from drasclr_ext.checkpoint import load_bundle_weights
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.metrics.emphysema import emphysema_report
 from drasclr_ext.networks.heads import DrasCLRSubtypeNet
 from drasclr_ext.transforms.io import load_ct
-from tests.bundle_utils import bundle_dir, config
-from tests.conftest import shared_path
+from tests.bundle_utils import bundle_dir, check_metadata, check_network_export, config
 
 NAME = "drasclr_emphysema_subtype"
 BUNDLE = bundle_dir(NAME)
@@ -39,24 +38,11 @@ def inference_workflow(output_dir, **overrides) -> ConfigWorkflow:
 
 
 def test_metadata_follows_the_schema():
-    verify_metadata(meta_file=META, filepath=str(shared_path("schemas", "meta_schema_20240725.json")))
+    check_metadata(NAME)
 
 
 def test_network_in_out_and_torchscript_export(tmp_path):
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config(NAME, "inference.json")[0])
-    ts_path = tmp_path / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts_path),
-        ckpt_file=str(MODEL),
-        meta_file=META,
-        config_file=config(NAME, "inference.json")[0],
-    )
-    exported = torch.jit.load(str(ts_path))
-    net = load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE).eval()
-    x = torch.rand(2, 4, 32, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x), net(x))
+    check_network_export(NAME, DrasCLRSubtypeNet(), tmp_path)
 
 
 def test_shipped_weights_hold_the_pretrained_encoder_and_match_their_hash(tmp_path):

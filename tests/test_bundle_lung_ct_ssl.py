@@ -9,15 +9,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigWorkflow
 
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.checkpoint import load_bundle_weights
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.networks import DrasCLRFeatures
 from drasclr_ext.preprocess.cohort import preprocess_cohort
-from tests.bundle_utils import PYTHON, bundle_dir, config, run_bundle_cli, write_small_phantom
-from tests.conftest import shared_path
+from tests.bundle_utils import (
+    PYTHON,
+    bundle_dir,
+    check_metadata,
+    check_network_export,
+    config,
+    run_bundle_cli,
+    write_small_phantom,
+)
 
 NAME = "drasclr_lung_ct_ssl"
 BUNDLE = bundle_dir(NAME)
@@ -37,24 +44,11 @@ def preprocessed(tmp_path_factory):
 
 
 def test_metadata_follows_the_schema():
-    verify_metadata(meta_file=META, filepath=str(shared_path("schemas", "meta_schema_20240725.json")))
+    check_metadata(NAME)
 
 
 def test_network_in_out_and_torchscript_export(tmp_path):
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=config(NAME, "inference.json")[0])
-    ts_path = tmp_path / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts_path),
-        ckpt_file=str(BUNDLE / "models" / "model.pt"),
-        meta_file=META,
-        config_file=config(NAME, "inference.json")[0],
-    )
-    exported = torch.jit.load(str(ts_path))
-    net = load_bundle_weights(DrasCLRFeatures(), BUNDLE / "models" / "model.pt", BUNDLE).eval()
-    x = torch.rand(2, 4, 32, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x), net(x))
+    check_network_export(NAME, DrasCLRFeatures(), tmp_path)
 
 
 def test_shipped_weights_match_large_files_hash(tmp_path):
