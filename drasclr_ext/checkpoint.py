@@ -18,8 +18,10 @@ __all__ = [
     "encoder_from_state",
     "load_bundle_weights",
     "load_encoder",
+    "load_pretrained_encoder",
     "load_official_encoder",
     "safe_torch_load",
+    "record_large_file",
     "save_atomic",
     "sha256sum",
 ]
@@ -191,3 +193,58 @@ def load_bundle_weights(
             "set rep_dim/moco_dim/num_experts to those of the checkpoint"
         ) from exc
     return network
+
+
+def load_pretrained_encoder(
+    network: torch.nn.Module, path: str | os.PathLike, bundle_root: str | os.PathLike | None = None
+) -> torch.nn.Module:
+    """Load pretrained encoder weights (a bundle ``model.pt`` or an official checkpoint) into ``network.encoder``,
+    checking the sha256 listed in the bundle's large_files.yml; the rest of ``network`` keeps its initialisation."""
+    expected = large_file_hash(bundle_root, path) if bundle_root is not None else None
+    state = encoder_state(safe_torch_load(path, expected), path)
+    encoder = getattr(network, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise CheckpointError(
+            f"{type(network).__name__} has no `encoder` to load the pretrained weights of {path} into"
+        )
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the pretrained encoder in {path} does not fit the network's encoder ({exc}); "
+            "set rep_dim/moco_dim/num_experts to those of the pretrained checkpoint"
+        ) from exc
+    return network
+
+
+def record_large_file(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Write the sha256 of ``path`` (a file inside the bundle) into the bundle's ``large_files.yml``, atomically.
+
+    Called after training rewrites a bundle's weights, so that the hash check of :func:`load_bundle_weights` keeps
+    protecting downloads without refusing the user's own training result. Returns the new hash.
+    """
+    import yaml
+
+    root, target = Path(bundle_root), Path(path).resolve()
+    try:
+        relative = target.relative_to(root.resolve()).as_posix()
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path} is not inside the bundle {bundle_root}; cannot list it in large_files.yml"
+        ) from exc
+    listing = root / "large_files.yml"
+    content = {}
+    if listing.is_file():
+        with open(listing) as f:
+            content = yaml.safe_load(f) or {}
+    entries = content.setdefault("large_files", [])
+    digest = sha256sum(target)
+    for entry in entries:
+        if (root / entry.get("path", "")).resolve() == target:
+            entry.update({"hash_val": digest, "hash_type": "sha256"})
+            break
+    else:
+        entries.append({"path": relative, "url": "", "hash_val": digest, "hash_type": "sha256"})
+    text = yaml.safe_dump(content, sort_keys=False)
+    atomic_write(listing, lambda tmp: Path(tmp).write_text(text))
+    return digest

@@ -1,4 +1,4 @@
-"""Ignite handlers for the bundles: atomic checkpoints, resuming, a progress bar, encoder export."""
+"""Ignite handlers for the bundles: atomic checkpoints, resuming, a progress bar, weight export, metrics JSON."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from drasclr_ext.checkpoint import save_atomic
+from drasclr_ext.checkpoint import record_large_file, save_atomic
+from drasclr_ext.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^(?P<prefix>.+)_epoch=(?P<epoch>\d+)\.pt$")
@@ -23,6 +24,10 @@ def unwrap(module: Any) -> Any:
     """The module inside DistributedDataParallel/DataParallel, else the object itself."""
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     return module.module if isinstance(module, wrappers) else module
+
+
+def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str | None:
@@ -148,21 +153,92 @@ class ProgressBar:
         IgniteProgressBar(persist=self.persist).attach(engine, output_transform=self.output_transform)
 
 
-class EncoderExporter:
-    """Write the query encoder of a DrasCLR module (or an encoder-holding network) as a plain state dict."""
+class WeightsExporter:
+    """Write a network's weights (or one of its submodules') as a plain CPU state dict, atomically.
 
-    def __init__(self, network: torch.nn.Module, filepath: str, attribute: str = "encoder_q") -> None:
+    Args:
+        network: the trained network (DDP wrappers are unwrapped).
+        filepath: where the state dict goes (usually ``<bundle>/models/model.pt``).
+        attribute: submodule to export (e.g. ``encoder_q`` of :class:`~drasclr_ext.networks.DrasCLR`); None exports
+            the whole network. A network without that attribute is exported whole.
+        bundle_root: when given and ``filepath`` lies inside it, the new file's sha256 is written into the bundle's
+            ``large_files.yml`` (so the bundle's own hash check accepts the user's training result).
+        on_best: attach to a validator and export whenever its key metric improves; otherwise export when the
+            engine it is attached to completes.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        filepath: str,
+        attribute: str | None = None,
+        bundle_root: str | None = None,
+        on_best: bool = False,
+    ) -> None:
         self.network = network
         self.filepath = filepath
         self.attribute = attribute
+        self.bundle_root = bundle_root
+        self.on_best = on_best
+        self._best = -math.inf
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, lambda _: self())
+        if self.on_best:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._export_if_best)
+        else:
+            engine.add_event_handler(Events.COMPLETED, lambda _: self())
+
+    def _export_if_best(self, engine: Engine) -> None:
+        metric = getattr(engine.state, "best_metric", None)
+        if metric is None or metric <= self._best or engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        self._best = metric
+        self()
+        logger.info(f"best metric so far ({metric:.4f}): weights written to {self.filepath}")
 
     def __call__(self) -> str:
         module = unwrap(self.network)
-        encoder = getattr(module, self.attribute, module)
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        if self.attribute:
+            module = getattr(module, self.attribute, module)
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_atomic(state, self.filepath)
-        logger.info(f"exported encoder weights to {self.filepath}")
+        if self.bundle_root is not None and _inside(self.filepath, self.bundle_root):
+            record_large_file(self.bundle_root, self.filepath)
+        logger.info(f"exported weights to {self.filepath}")
         return self.filepath
+
+
+class EncoderExporter(WeightsExporter):
+    """:class:`WeightsExporter` of the query encoder of a DrasCLR module (pretraining)."""
+
+    def __init__(
+        self, network: torch.nn.Module, filepath: str, attribute: str = "encoder_q", bundle_root: str | None = None
+    ) -> None:
+        super().__init__(network, filepath, attribute, bundle_root)
+
+
+class MetricsJSONWriter:
+    """Write an engine's scalar metrics (``engine.state.metrics``, JSON-safe) to ``filepath`` when it completes.
+
+    Args:
+        filepath: the JSON file.
+        extra: more top-level entries (bundle version, settings, ...).
+        per_subject: a metric with ``scores.subjects`` (a :class:`~drasclr_ext.metrics.subtype.SubtypeMetric`)
+            whose per-subject rows go under ``subjects``.
+    """
+
+    def __init__(self, filepath: str, extra: Mapping[str, Any] | None = None, per_subject: Any = None) -> None:
+        self.filepath = filepath
+        self.extra = dict(extra or {})
+        self.per_subject = per_subject
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scalars = {k: v for k, v in engine.state.metrics.items() if not isinstance(v, (Mapping, list, tuple))}
+        content = {**self.extra, **scalars}
+        if self.per_subject is not None:
+            content["subjects"] = list(self.per_subject.scores.subjects)
+        atomic_write_json(self.filepath, content)
+        logger.info(f"metrics written to {self.filepath}")

@@ -9,12 +9,11 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from monai.bundle import ConfigWorkflow
 
-from drasclr_ext.checkpoint import load_bundle_weights
+from drasclr_ext.checkpoint import large_file_hash, load_bundle_weights, sha256sum
 from drasclr_ext.errors import CheckpointError
-from drasclr_ext.metrics.emphysema import emphysema_report
+from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent
 from drasclr_ext.networks.heads import DrasCLRSubtypeNet
 from drasclr_ext.transforms.io import load_ct
 from tests.bundle_utils import bundle_dir, check_metadata, check_network_export, config
@@ -45,11 +44,11 @@ def test_network_in_out_and_torchscript_export(tmp_path):
     check_network_export(NAME, DrasCLRSubtypeNet(), tmp_path)
 
 
-def test_shipped_weights_hold_the_pretrained_encoder_and_match_their_hash(tmp_path):
-    net = load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE)
-    ssl = torch.load(bundle_dir("drasclr_lung_ct_ssl") / "models" / "model.pt", weights_only=True)
-    for key, value in ssl.items():
-        torch.testing.assert_close(net.encoder.state_dict()[key], value)
+def test_shipped_weights_match_their_hash_and_the_pretrained_encoder_is_the_ssl_bundles(tmp_path):
+    load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE)
+    pretrained = BUNDLE / "models" / "pretrained_encoder.pt"
+    assert sha256sum(pretrained) == sha256sum(bundle_dir("drasclr_lung_ct_ssl") / "models" / "model.pt")
+    assert large_file_hash(BUNDLE, pretrained) == sha256sum(pretrained)
     tampered = tmp_path / "bundle"
     (tampered / "models").mkdir(parents=True)
     (tampered / "large_files.yml").write_text((BUNDLE / "large_files.yml").read_text())
@@ -117,3 +116,25 @@ def test_a_broken_file_is_listed_in_failures(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["subject"] for r in rows] == ["broken"]
     assert not (tmp_path / "out" / "broken" / "report.json").exists()
+
+
+def test_real_ct_maps_align_and_laa950_matches_the_input(lung_ct_dir, tmp_path):
+    """Lung-PET-CT-Dx A0001 (TCIA, CC BY 4.0), a DICOM series: maps in its geometry, LAA-950 of the report within
+    0.5 percentage points of LAA-950 computed from the input HU inside the bundle's own lung mask."""
+    workflow = inference_workflow(tmp_path / "out", dataset_dir=str(lung_ct_dir.parent))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    subject = tmp_path / "out" / lung_ct_dir.name
+    scan = load_ct(lung_ct_dir)
+    lung = np.asarray(nib.load(subject / "lung_mask.nii.gz").dataobj)
+    for name in ("subtype_label", "lung_mask"):
+        img = nib.load(subject / f"{name}.nii.gz")
+        assert img.shape[:3] == tuple(scan.shape)
+        np.testing.assert_allclose(img.affine, np.asarray(scan.affine), atol=1e-4)
+    label = np.asarray(nib.load(subject / "subtype_label.nii.gz").dataobj)
+    np.testing.assert_array_equal(label > 0, lung > 0)
+    report = json.loads((subject / "report.json").read_text())
+    assert report["laa950_percent"] == pytest.approx(laa950_percent(scan.numpy(), lung), abs=0.5)
+    assert report["acquisition"]["slice_thickness_mm"] == pytest.approx(5.0, abs=0.01)
+    assert (subject / "overview.png").stat().st_size > 10_000

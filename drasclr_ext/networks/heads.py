@@ -15,7 +15,14 @@ from torch import nn
 from drasclr_ext.atlas import box_counts
 from drasclr_ext.networks.encoder import DrasCLREncoder
 
-__all__ = ["SUBTYPE_CLASSES", "DrasCLRSubtypeNet", "SubtypeHead", "soft_cross_entropy", "window_class_fractions"]
+__all__ = [
+    "SUBTYPE_CLASSES",
+    "DrasCLRSubtypeNet",
+    "SoftCrossEntropyLoss",
+    "SubtypeHead",
+    "soft_cross_entropy",
+    "window_class_fractions",
+]
 
 # output channel c of the head is emphysema label c + 1 (0 is "outside the lung")
 SUBTYPE_CLASSES = ("normal", "centrilobular", "paraseptal", "panlobular")
@@ -100,6 +107,13 @@ class DrasCLRSubtypeNet(nn.Module):
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum_c target_c log softmax(logits)_c``; ``target`` (B, C) rows sum to 1."""
     return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class SoftCrossEntropyLoss(nn.Module):
+    """:func:`soft_cross_entropy` as a loss module: ``loss(logits, target)`` with target rows summing to 1."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return soft_cross_entropy(logits, target)
 
 
 def window_class_fractions(

@@ -1,0 +1,108 @@
+"""Pieces of the emphysema bundle's fine-tuning and evaluation workflows (``train.json``, ``evaluate.json``).
+
+Training runs MONAI's ``SupervisedTrainer`` on single dense windows (:func:`prepare_window_batch`); validation and
+evaluation run MONAI's ``SupervisedEvaluator`` on whole subjects, one per iteration, through the same dense
+inference as the bundle's ``inference.json`` (:class:`SubjectDenseInferer`), scored by
+:class:`~drasclr_ext.metrics.subtype.SubtypeMetric`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from monai.inferers import Inferer
+
+from drasclr_ext.inference.dense import DenseSubtypeInferer
+
+__all__ = [
+    "SubjectDenseInferer",
+    "first_item",
+    "labelled_datalist",
+    "param_groups",
+    "prepare_subject_batch",
+    "prepare_window_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_window_batch(
+    batchdata: Mapping[str, torch.Tensor],
+    device: Union[str, torch.device, None] = None,
+    non_blocking: bool = False,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor], dict]:
+    """(windows, targets, (locations,), {}) on ``device``: the network is called as ``network(windows, locations)``."""
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=device, non_blocking=non_blocking)
+
+    return move(batchdata["image"]), move(batchdata["label"]), (move(batchdata["location"]),), {}
+
+
+def prepare_subject_batch(
+    batchdata: Mapping[str, Any], device: Union[str, torch.device, None] = None, non_blocking: bool = False, **_
+) -> tuple[Mapping[str, Any], Any]:
+    """(the subject's data dict, its ground-truth label map): :class:`SubjectDenseInferer` takes the whole dict."""
+    return batchdata, batchdata["label"]
+
+
+def first_item(batch: Sequence[Any]) -> Any:
+    """``collate_fn`` of the subject loaders: batches of one subject, kept as its dict."""
+    if len(batch) != 1:
+        raise ValueError(f"subject loaders take batch_size 1, got a batch of {len(batch)}")
+    return batch[0]
+
+
+class SubjectDenseInferer(Inferer):
+    """MONAI ``Inferer`` that runs :class:`~drasclr_ext.inference.dense.DenseSubtypeInferer` with the engine's
+    network on one preprocessed subject dict and returns the dict with ``subtype_prob`` and ``subtype_label``.
+
+    Keyword arguments are those of ``DenseSubtypeInferer`` (atlas, device, batch_size, stride, decision, ...).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.dense = DenseSubtypeInferer(network=None, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, inputs: Mapping[str, Any], network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.dense.network = network
+        was_training = network.training
+        try:
+            return self.dense(inputs)
+        finally:
+            network.train(was_training)
+
+
+def param_groups(network: torch.nn.Module, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the head at ``lr``, the encoder at ``lr * encoder_lr_scale`` (left out when
+    frozen or when the scale is 0)."""
+    head = [p for n, p in network.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    encoder = [p for n, p in network.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    groups = [{"params": head, "lr": float(lr)}]
+    if encoder and encoder_lr_scale > 0:
+        groups.append({"params": encoder, "lr": float(lr) * float(encoder_lr_scale)})
+    return groups
+
+
+def labelled_datalist(
+    dataset_dir: Optional[str],
+    output_dir: Union[str, Path],
+    n: int = 6,
+    seed: int = 5000,
+    resolution_scale: float = 4.0,
+) -> str:
+    """The datalist JSON of ``dataset_dir`` (``dataset_dir`` itself when it is a JSON file, else its
+    ``datalist.json``); with no ``dataset_dir``, a small labelled phantom cohort written once to
+    ``output_dir/embedded_phantoms/`` so the workflow runs on a fresh machine."""
+    if dataset_dir:
+        path = Path(dataset_dir)
+        return str(path if path.suffix == ".json" else path / "datalist.json")
+    from drasclr_ext.data.phantom import write_phantom_cohort
+
+    out = Path(output_dir) / "embedded_phantoms"
+    logger.info(f"no dataset_dir given: writing {n} labelled phantoms into {out}")
+    return write_phantom_cohort(out, n=n, seed=seed, resolution_scale=resolution_scale)

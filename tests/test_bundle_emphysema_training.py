@@ -1,0 +1,87 @@
+"""Fine-tuning and evaluating the dense emphysema bundle, as the model zoo tests bundles: ``train.json`` from the
+command line in another working directory (one short epoch on coarse phantoms, one broken subject), then the
+``evaluate.json`` overlay, on a copy of the bundle so the repository's weights stay as they are."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from drasclr_ext.checkpoint import large_file_hash, load_bundle_weights, sha256sum
+from drasclr_ext.data.phantom import write_phantom_cohort
+from drasclr_ext.metrics.emphysema import laa950_percent
+from drasclr_ext.networks.heads import DrasCLRSubtypeNet
+from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli
+
+NAME = "drasclr_emphysema_subtype"
+FAST = ["--window_stride", "32", "--max_epochs", "1", "--epoch_length", "2", "--batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A copy of the bundle fine-tuned for 2 iterations on 3 coarse phantoms plus one broken training scan."""
+    root = tmp_path_factory.mktemp("finetune")
+    bundle = root / NAME
+    shutil.copytree(bundle_dir(NAME), bundle, ignore=shutil.ignore_patterns("eval"))
+    datalist = write_phantom_cohort(root / "cohort", n=3, seed=7100, resolution_scale=4.0, severity="severe")
+    content = json.loads(open(datalist).read())
+    (root / "cohort" / "broken.nii.gz").write_bytes(b"\x1f\x8b not a scan")
+    content["training"].append({"image": "broken.nii.gz", "label": content["training"][0]["label"]})
+    (root / "cohort" / "datalist.json").write_text(json.dumps(content))
+    before = sha256sum(bundle / "models" / "model.pt")
+    workdir = root / "elsewhere"
+    workdir.mkdir()
+    args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json")]
+    args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
+    args += ["--dataset_dir", str(root / "cohort"), "--output_dir", str(root / "out"), *FAST]
+    run_bundle_cli(args, cwd=workdir)
+    return {"root": root, "bundle": bundle, "before": before, "datalist": root / "cohort" / "datalist.json"}
+
+
+def test_training_rewrites_the_weights_and_their_listed_hash(trained):
+    model = trained["bundle"] / "models" / "model.pt"
+    assert sha256sum(model) != trained["before"]
+    assert large_file_hash(trained["bundle"], model) == sha256sum(model)
+    net = load_bundle_weights(DrasCLRSubtypeNet(), model, trained["bundle"])
+    pretrained = torch.load(trained["bundle"] / "models" / "pretrained_encoder.pt", weights_only=True)
+    encoder = net.encoder.state_dict()
+    changed = [k for k, v in pretrained.items() if v.is_floating_point() and not torch.equal(encoder[k], v)]
+    assert changed, "the encoder is trainable by default: fine-tuning must move its weights"
+    assert list((trained["root"] / "out" / "checkpoints").glob("checkpoint_epoch=1.pt"))
+
+
+def test_a_broken_training_scan_is_listed_and_the_others_train(trained):
+    with open(trained["root"] / "out" / "window_cache" / "failures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["subject"] for r in rows] == ["broken"]
+    assert rows[0]["error"] == "InputImageError"
+    assert len(list((trained["root"] / "out" / "window_cache").glob("*/done.json"))) == 1
+
+
+def test_evaluate_writes_per_class_scores_and_laa950_errors(trained):
+    bundle, root = trained["bundle"], trained["root"]
+    files = [str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")]
+    args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", json.dumps(files).replace('"', "'")]
+    args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
+    args += ["--dataset_dir", str(trained["datalist"]), "--output_dir", str(root / "eval"), "--window_stride", "32"]
+    run_bundle_cli(args, cwd=root / "elsewhere")
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["section"] == "test" and metrics["subjects_scored"] == 1
+    for name in ("normal", "centrilobular", "paraseptal", "panlobular"):
+        assert {f"dice_{name}", f"f1_{name}", f"auc_{name}", f"fraction_mae_{name}"} <= set(metrics)
+    assert 0.5 < metrics["dice_normal"] <= 1.0
+    assert 0.0 <= metrics["mean_dice"] <= 1.0
+    assert metrics["weights_sha256"] == sha256sum(bundle / "models" / "model.pt")
+    (row,) = metrics["subjects"]
+    test_entry = json.loads(trained["datalist"].read_text())["test"][0]
+    hu = np.asarray(nib.load(trained["datalist"].parent / test_entry["image"]).dataobj, dtype=np.float32)
+    truth = np.asarray(nib.load(trained["datalist"].parent / test_entry["label"]).dataobj)
+    assert row["laa950_percent_truth"] == pytest.approx(laa950_percent(hu, truth > 0))
+    assert metrics["laa950_mae_pp"] == pytest.approx(abs(row["laa950_percent"] - row["laa950_percent_truth"]))
+    assert sum(row["subtype_fractions_truth"].values()) == pytest.approx(1.0)
