@@ -24,11 +24,18 @@ __all__ = [
     "record_large_file",
     "save_atomic",
     "sha256sum",
+    "unwrap",
 ]
 
 OFFICIAL_ROUTING = "._routing_fn.fc."
 OUR_ROUTING = ".routing."
 REQUIRED_ENCODER_KEYS = ("conv1.weight", "conv1._routing_fn.fc.weight", "conv4.weight", "bn4.running_var")
+
+
+def unwrap(module: Any) -> Any:
+    """The module inside DistributedDataParallel/DataParallel, else the object itself."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return module.module if isinstance(module, wrappers) else module
 
 
 def safe_torch_load(path: str | os.PathLike, expected_sha256: str | None = None) -> Any:
@@ -202,7 +209,7 @@ def load_pretrained_encoder(
     checking the sha256 listed in the bundle's large_files.yml; the rest of ``network`` keeps its initialisation."""
     expected = large_file_hash(bundle_root, path) if bundle_root is not None else None
     state = encoder_state(safe_torch_load(path, expected), path)
-    encoder = getattr(network, "encoder", None)
+    encoder = getattr(unwrap(network), "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         raise CheckpointError(
             f"{type(network).__name__} has no `encoder` to load the pretrained weights of {path} into"

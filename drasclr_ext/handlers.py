@@ -13,17 +13,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from drasclr_ext.checkpoint import record_large_file, save_atomic
+from drasclr_ext.checkpoint import record_large_file, save_atomic, unwrap
 from drasclr_ext.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^(?P<prefix>.+)_epoch=(?P<epoch>\d+)\.pt$")
-
-
-def unwrap(module: Any) -> Any:
-    """The module inside DistributedDataParallel/DataParallel, else the object itself."""
-    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    return module.module if isinstance(module, wrappers) else module
 
 
 def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

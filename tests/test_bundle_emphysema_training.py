@@ -85,3 +85,20 @@ def test_evaluate_writes_per_class_scores_and_laa950_errors(trained):
     assert row["laa950_percent_truth"] == pytest.approx(laa950_percent(hu, truth > 0))
     assert metrics["laa950_mae_pp"] == pytest.approx(abs(row["laa950_percent"] - row["laa950_percent_truth"]))
     assert sum(row["subtype_fractions_truth"].values()) == pytest.approx(1.0)
+
+
+def test_two_process_training_with_the_multi_gpu_overlay(trained):
+    """``torchrun`` with 2 CPU processes (gloo): DDP over the cached windows, validation and export on rank 0."""
+    bundle, root = trained["bundle"], trained["root"]
+    model = bundle / "models" / "model.pt"
+    before = sha256sum(model)
+    files = [str(bundle / "configs" / f) for f in ("train.json", "multi_gpu_train.json")]
+    args = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run"]
+    args += ["--config_file", json.dumps(files).replace('"', "'"), "--bundle_root", str(bundle)]
+    args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--dataset_dir", str(trained["datalist"])]
+    args += ["--output_dir", str(root / "ddp"), "--cache_dir", str(root / "out" / "window_cache"), *FAST]
+    args[args.index("--epoch_length") + 1] = "1"
+    run_bundle_cli(args, cwd=root / "elsewhere")
+    assert sha256sum(model) != before
+    assert large_file_hash(bundle, model) == sha256sum(model)
+    load_bundle_weights(DrasCLRSubtypeNet(), model, bundle)

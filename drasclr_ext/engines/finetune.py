@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from monai.inferers import Inferer
 
+from drasclr_ext.checkpoint import unwrap
 from drasclr_ext.inference.dense import DenseSubtypeInferer
 
 __all__ = [
@@ -69,6 +70,7 @@ class SubjectDenseInferer(Inferer):
         self.dense = DenseSubtypeInferer(network=None, **kwargs)  # type: ignore[arg-type]
 
     def __call__(self, inputs: Mapping[str, Any], network: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        network = unwrap(network)  # no collective calls: validation may run on one rank only
         self.dense.network = network
         was_training = network.training
         try:
@@ -80,8 +82,9 @@ class SubjectDenseInferer(Inferer):
 def param_groups(network: torch.nn.Module, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Optimizer parameter groups: the head at ``lr``, the encoder at ``lr * encoder_lr_scale`` (left out when
     frozen or when the scale is 0)."""
-    head = [p for n, p in network.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-    encoder = [p for n, p in network.named_parameters() if n.startswith("encoder.") and p.requires_grad]
+    named = list(unwrap(network).named_parameters())
+    head = [p for n, p in named if not n.startswith("encoder.") and p.requires_grad]
+    encoder = [p for n, p in named if n.startswith("encoder.") and p.requires_grad]
     groups = [{"params": head, "lr": float(lr)}]
     if encoder and encoder_lr_scale > 0:
         groups.append({"params": encoder, "lr": float(lr) * float(encoder_lr_scale)})
