@@ -21,6 +21,7 @@ from drasclr_ext.inference.dense import DenseSubtypeInferer
 __all__ = [
     "SubjectDenseInferer",
     "first_item",
+    "initialise",
     "labelled_datalist",
     "param_groups",
     "prepare_subject_batch",
@@ -77,6 +78,31 @@ class SubjectDenseInferer(Inferer):
             return self.dense(inputs)
         finally:
             network.train(was_training)
+
+
+INITIALISATIONS = ("pretrained", "scratch", "bundle")
+
+
+def initialise(
+    network: torch.nn.Module,
+    init_from: str,
+    pretrained_path: Union[str, Path],
+    ckpt_path: Union[str, Path],
+    bundle_root: Optional[Union[str, Path]] = None,
+) -> torch.nn.Module:
+    """Initialise the network before fine-tuning: ``"pretrained"`` loads the pretrained encoder (the head starts
+    fresh), ``"scratch"`` keeps the random initialisation, ``"bundle"`` continues from the bundle's current
+    ``model.pt`` (encoder and head, e.g. for MONAI Label's repeated training). Hashes are checked where listed."""
+    from drasclr_ext.checkpoint import load_bundle_weights, load_pretrained_encoder
+    from drasclr_ext.errors import DrasCLRError
+
+    if init_from == "pretrained":
+        return load_pretrained_encoder(network, pretrained_path, bundle_root)
+    if init_from == "bundle":
+        return load_bundle_weights(unwrap(network), ckpt_path, bundle_root)
+    if init_from == "scratch":
+        return network
+    raise DrasCLRError(f"init_from must be one of {INITIALISATIONS}, got {init_from!r}")
 
 
 def param_groups(network: torch.nn.Module, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
