@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from scipy import ndimage
 
 from drasclr_ext.inference.dense import (
     DenseSubtypeInferer,
     DenseSubtypeWriter,
+    _blend_loop,
     blend_window_probabilities,
+    gaussian_window_weights,
     grid_to_image,
+    resample_to_grid,
+    save_probabilities,
     subtype_labels,
 )
 from drasclr_ext.metrics.emphysema import emphysema_report
@@ -135,6 +140,115 @@ def test_subtype_labels(decision, expected):
     labels = subtype_labels(probs, hu, lung, decision, min_probability=0.05)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels.ravel(), expected)
+
+
+@pytest.mark.parametrize("sigma_scale", [0.25, 0.05])  # 0.05: MONAI clamps the weights, the loop blends
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_blend_equals_adding_the_weighted_windows_one_by_one(sigma_scale, layout):
+    rng = np.random.default_rng(0)
+    starts = np.stack(np.meshgrid(*[np.arange(n) * 4 for n in (4, 3, 5)], indexing="ij"), -1).reshape(-1, 3)
+    origins = starts[rng.random(len(starts)) < 0.6]  # a lattice with holes, like windows without lung
+    res = _windows((20, 16, 24), origins, window=8)
+    if layout == "F":
+        res.grid = np.asfortranarray(res.grid)
+    probs = rng.dirichlet(np.ones(4), len(origins)).astype(np.float32)
+    total, weight = _blend_loop(res, probs, gaussian_window_weights(8, sigma_scale))
+    expected = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+    out = blend_window_probabilities(res, probs, sigma_scale)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out == 0, expected == 0)
+
+
+def _grid_to_image_reference(values, grid_affine, image_affine, mask):
+    """The scipy formulation grid_to_image had: affine_transform over the whole image, masked, normalised."""
+    image_to_grid = np.linalg.inv(grid_affine) @ image_affine
+    out = np.stack(
+        [
+            ndimage.affine_transform(v, image_to_grid[:3, :3], image_to_grid[:3, 3], output_shape=mask.shape, order=1)
+            for v in values
+        ]
+    )
+    out *= mask
+    total = out.sum(0)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_grid_to_image_equals_scipy_trilinear(oblique, layout):
+    rng = np.random.default_rng(1)
+    values = rng.random((4, 30, 28, 26)).astype(np.float32)
+    grid_affine = np.eye(4)
+    grid_affine[:3, 3] = [-15.0, -14.0, -13.0]
+    image_affine = np.diag([-0.75, -0.75, 1.25, 1.0])
+    image_affine[:3, 3] = [14.0, 12.0, -10.0]
+    if oblique:
+        c, s = np.cos(0.2), np.sin(0.2)
+        image_affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ image_affine[:3, :3]
+    mask = np.zeros((36, 34, 20), np.uint8)
+    mask[5:30, 4:28, 3:18] = rng.integers(0, 3, (25, 24, 15))
+    mask = np.asfortranarray(mask) if layout == "F" else mask
+    out = grid_to_image(values, grid_affine, image_affine, mask.shape, mask > 0)
+    expected = _grid_to_image_reference(values, grid_affine, image_affine, mask > 0)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert out[0].flags.f_contiguous if layout == "F" else out.flags.c_contiguous
+
+
+def _subtype_labels_reference(probabilities, hu, lung_mask, decision, min_probability):
+    """The boolean-indexing formulation subtype_labels had."""
+    lung = lung_mask > 0
+    labels = np.zeros(lung.shape, dtype=np.uint8)
+    if decision == "argmax":
+        labels[lung] = 1 + np.argmax(probabilities[:, lung], axis=0)
+        return labels
+    labels[lung] = 1
+    low = lung & (hu < -950.0)
+    p = probabilities[1:, low]
+    best = np.argmax(p, axis=0)
+    emphysema = np.take_along_axis(p, best[None], axis=0)[0] >= min_probability
+    labels[low] = np.where(emphysema, best + 2, 1)
+    return labels
+
+
+@pytest.mark.parametrize("decision", ["attenuation", "argmax"])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_subtype_labels_equal_the_per_voxel_definition(decision, layout):
+    rng = np.random.default_rng(2)
+    shape = (20, 18, 16)
+    probs = rng.dirichlet([4, 1, 1, 1], shape).transpose(3, 0, 1, 2).astype(np.float32)
+    probs[2:, :5] = probs[1, :5]  # ties between subtypes go to the first, as argmax
+    hu = rng.uniform(-1000, -900, shape).astype(np.float32)
+    lung = np.zeros(shape, np.uint8)
+    lung[2:18, 3:15, 1:14] = rng.integers(0, 3, (16, 12, 13))
+    order = np.asfortranarray if layout == "F" else np.ascontiguousarray
+    labels = subtype_labels(order(probs), order(hu), order(lung), decision, min_probability=0.15)
+    np.testing.assert_array_equal(labels, _subtype_labels_reference(probs, hu, lung, decision, 0.15))
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}  # every label occurs
+
+
+def test_resample_to_grid_equals_scipy():
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 5, (30, 20, 25)).astype(np.uint8)
+    affine = np.diag([-0.7, 0.8, 1.3, 1.0])
+    grid_affine = np.eye(4)
+    grid_affine[:3, 3] = [-18.0, 1.0, 2.0]
+    to_voxel = np.linalg.inv(affine) @ grid_affine
+    for order in (0, 1):
+        out = resample_to_grid(label, affine, grid_affine, (22, 18, 30), order=order)
+        expected = ndimage.affine_transform(
+            label, to_voxel[:3, :3], to_voxel[:3, 3], output_shape=(22, 18, 30), order=order
+        )
+        assert out.dtype == np.uint8
+        assert np.abs(out.astype(int) - expected).max() <= order  # order 1: a .5 may round either way
+
+
+def test_probabilities_are_written_as_rounded_255ths(tmp_path):
+    prob = np.random.default_rng(4).random((4, 9, 8, 7)).astype(np.float32) * 1.2 - 0.1
+    for layout in ("C", "F"):
+        array = prob if layout == "C" else np.asfortranarray(prob.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+        path = save_probabilities(torch.from_numpy(array), np.eye(4), tmp_path / f"p{layout}.nii.gz")
+        stored = np.asarray(nib.load(path).dataobj.get_unscaled())
+        np.testing.assert_array_equal(stored, np.moveaxis(np.round(np.clip(prob, 0, 1) * 255.0), 0, -1))
 
 
 @pytest.fixture(scope="module")

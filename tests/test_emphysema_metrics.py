@@ -105,3 +105,53 @@ def test_emphysema_report_values():
     assert report["cle_grade"] == 5 and report["pse_grade"] == 2
     assert report["regions"]["left"]["laa950_percent"] == pytest.approx(75.0)
     assert report["regions"]["right"]["volume_ml"] == pytest.approx(0.6)
+
+
+def _regions_reference(lung, affine):
+    """Boolean region masks from a full-size height array (the definition of lung_regions)."""
+    regions = {"whole": lung > 0, "right": lung == 1, "left": lung == 2}
+    i, j, k = (np.arange(n, dtype=np.float64) for n in lung.shape)
+    height = affine[2, 0] * i[:, None, None] + affine[2, 1] * j[None, :, None] + affine[2, 2] * k[None, None, :]
+    for zone in ("upper", "middle", "lower"):
+        regions[zone] = np.zeros(lung.shape, bool)
+    for side in ("right", "left"):
+        h = height[regions[side]]
+        rel = (h - h.min()) / (h.max() - h.min()) if h.size and h.max() > h.min() else np.zeros_like(h)
+        for zone, z in (("upper", rel >= 2 / 3), ("middle", (rel >= 1 / 3) & (rel < 2 / 3)), ("lower", rel < 1 / 3)):
+            region = np.zeros(lung.shape, bool)
+            region[regions[side]] = z
+            regions[f"{side}_{zone}"] = region
+            regions[zone] |= region
+    return regions
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_report_regions_equal_the_region_by_region_definition(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(4, 14, 3))
+    lung = rng.choice([0, 1, 2, 3] if seed % 3 == 0 else [0, 1, 2], size=shape).astype(np.uint8)
+    if seed == 1:
+        lung[lung == 2] = 0  # one lung only
+    hu = rng.choice([-1000.0, -960.0, -950.0, -900.0, 30.0], size=shape)
+    label = rng.integers(0, 6, size=shape).astype(np.uint8)
+    affine = np.eye(4)
+    affine[:3, :3] = rng.normal(size=(3, 3)) if seed % 2 else np.diag(rng.choice([-1.5, 0.7, 2.0], 3))
+    order = np.asfortranarray if seed % 2 else np.ascontiguousarray
+    report = emphysema_report(order(hu), order(lung), affine, order(label))
+    regions = lung_regions(order(lung), affine)
+    expected = _regions_reference(lung, affine)
+    assert (
+        list(report["regions"])
+        == list(regions)
+        == ["whole", "right", "left", "upper", "middle", "lower"]
+        + [f"{side}_{zone}" for side in ("right", "left") for zone in ("upper", "middle", "lower")]
+    )
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    for name, region in expected.items():
+        np.testing.assert_array_equal(regions[name], region)
+        n, got = int(region.sum()), report["regions"][name]
+        assert got["volume_ml"] == pytest.approx(n * voxel_ml)
+        assert got["laa950_percent"] == (pytest.approx(100.0 * np.mean(hu[region] < -950)) if n else None)
+        for value, subtype in ((1, "normal"), (2, "centrilobular"), (3, "paraseptal"), (4, "panlobular")):
+            assert got["subtype_fractions"][subtype] == (pytest.approx(np.mean(label[region] == value)) if n else None)
+    assert report["perc15_hu"] == pytest.approx(np.percentile(hu[lung > 0], 15))

@@ -160,3 +160,11 @@ def test_agrees_with_phantom_ground_truth():
     labels = compute_lung_mask(ph["image"], ph["affine"])
     for lab in (RIGHT_LUNG, LEFT_LUNG):
         assert dice(labels == lab, ph["lung_mask"] == lab) > 0.97
+
+
+def test_mask_keeps_the_memory_order_of_the_scan(chest, chest_mask):
+    labels, airways = chest_mask
+    fortran, fortran_airways = compute_lung_mask(np.asfortranarray(chest.hu), chest.affine, return_airways=True)
+    np.testing.assert_array_equal(fortran, labels)
+    np.testing.assert_array_equal(fortran_airways, airways)
+    assert fortran.flags.f_contiguous and (labels.flags.f_contiguous == chest.hu.flags.f_contiguous)

@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from scipy import ndimage
 
-from drasclr_ext.atlas import Atlas, build_landmarks, normalise_corners
+from drasclr_ext.atlas import Atlas, box_counts, build_landmarks, normalise_corners
 from drasclr_ext.transforms.patches import (
     AnatomicalPatches,
     AnatomicalPatchesd,
     DenseWindows,
     HUWindow,
     HUWindowd,
+    _windows_with_lung,
+    dense_windows,
     hu_window,
+    mask_bounding_box,
+    resample_affine,
 )
 from drasclr_ext.transforms.registration import RegistrationResult, apply_affine
 
@@ -109,3 +114,83 @@ def test_dense_blend_of_windows_restores_the_grid(dense):
     for x, y, z in dense.origins:
         inside[x : x + 32, y : y + 32, z : z + 32] = True
     np.testing.assert_allclose(restored[inside], dense.grid[inside], atol=1e-6)
+
+
+def _scipy_resample(volume, matrix, offset, shape, order, cval):
+    return ndimage.affine_transform(
+        volume, matrix, offset, output_shape=shape, order=order, mode="constant", cval=cval, prefilter=False
+    )
+
+
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_resample_affine_equals_scipy_for_axis_aligned_maps(order, layout):
+    rng = np.random.default_rng(order)
+    volume = rng.normal(size=(20, 25, 30)).astype(np.float32)
+    for trial in range(40):  # scalings, flips and axis permutations; samples partly outside the volume
+        matrix = np.zeros((3, 3))
+        matrix[rng.permutation(3), np.arange(3)] = rng.choice([-1, 1], 3) * rng.uniform(0.5, 2.0, 3)
+        shape, offset = tuple(int(n) for n in rng.integers(5, 30, 3)), rng.uniform(-10, 40, 3)
+        source = np.asfortranarray(volume) if trial % 2 else volume
+        out = resample_affine(source, matrix, offset, shape, order=order, cval=-5.0, layout=layout)
+        np.testing.assert_allclose(out, _scipy_resample(volume, matrix, offset, shape, order, -5.0), atol=1e-5)
+        assert out.flags.f_contiguous if layout == "F" else out.flags.c_contiguous
+
+
+def test_resample_affine_nearest_ties_and_edges_match_scipy():
+    volume = np.arange(6 * 5 * 4, dtype=np.uint8).reshape(6, 5, 4)
+    matrix, offset = np.diag([0.5, 1.0, 1.5]), np.array([-0.5, 0.5, -1e-9])  # exact .5 ties, a sample just outside
+    out = resample_affine(volume, matrix, offset, (14, 6, 4), order=0)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, _scipy_resample(volume, matrix, offset, (14, 6, 4), 0, 0))
+
+
+def test_resample_affine_oblique_maps_go_to_scipy():
+    volume = np.random.default_rng(0).normal(size=(15, 16, 17)).astype(np.float32)
+    c, s = np.cos(0.3), np.sin(0.3)
+    matrix = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    out = resample_affine(volume, matrix, [2.0, -1.0, 0.5], (12, 13, 14), order=1, layout="F")
+    np.testing.assert_allclose(out, _scipy_resample(volume, matrix, [2.0, -1.0, 0.5], (12, 13, 14), 1, 0.0))
+    assert out.flags.f_contiguous
+
+
+def test_mask_bounding_box():
+    mask = np.zeros((7, 8, 9), bool)
+    assert mask_bounding_box(mask) is None
+    mask[2, 3:5, 8] = mask[4, 3, 1] = True
+    lo, hi = mask_bounding_box(np.asfortranarray(mask))
+    assert lo.tolist() == [2, 3, 1] and hi.tolist() == [5, 5, 9]
+
+
+@pytest.mark.parametrize("stride, window", [(4, 8), (4, 12), (8, 8), (4, 6)])
+def test_windows_with_lung_equals_the_summed_volume_table(stride, window):
+    rng = np.random.default_rng(window)
+    counts = np.array([5, 4, 3])
+    shape = tuple((counts - 1) * stride + window)
+    lung = np.zeros(shape, np.uint8)
+    lung[tuple(rng.integers(0, shape, (3, 3)).T)] = 1  # three lung voxels
+    starts = [np.arange(c) * stride for c in counts]
+    origins = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int64)
+    expected = box_counts(lung, origins, window) > 0
+    assert expected.any() and not expected.all()
+    for array in (lung, np.asfortranarray(lung)):
+        np.testing.assert_array_equal(_windows_with_lung(array, origins, window, stride), expected)
+
+
+def test_dense_windows_do_not_depend_on_the_memory_order(atlas):
+    affine = np.diag([-0.8, -0.9, 1.5, 1.0])
+    affine[:3, 3] = [70.0, 60.0, -70.0]
+    ijk = np.indices((180, 140, 100), dtype=np.float64)
+    hu = (3.0 * ijk[0] - 2.0 * ijk[1] + ijk[2] - 900.0).astype(np.float32)
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[30:150, 20:120, 10:90] = 1
+    results = [
+        dense_windows(order(hu), order(lung), _shifted([3, -2, 5]), atlas, affine=affine)
+        for order in (np.ascontiguousarray, np.asfortranarray)
+    ]
+    c, f = results
+    np.testing.assert_array_equal(c.origins, f.origins)
+    np.testing.assert_array_equal(c.lung, f.lung)
+    np.testing.assert_allclose(c.grid, f.grid, atol=1e-6)
+    np.testing.assert_allclose(c.locations, f.locations)
+    assert f.grid.flags.f_contiguous and c.grid.flags.c_contiguous

@@ -10,12 +10,14 @@ from scipy import ndimage
 
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import RegistrationError
+from drasclr_ext.transforms import registration
 from drasclr_ext.transforms.registration import (
     AtlasRegistration,
     AtlasRegistrationd,
     RegistrationResult,
     _itk_image,
     apply_affine,
+    block_average,
 )
 
 
@@ -92,3 +94,24 @@ def test_mask_unlike_lungs_raises_registration_error():
     mask[28:32, 5:55, 5:55] = 1  # a thin plate: no affine maps the lungs onto it
     with pytest.raises(RegistrationError, match="diverged|failed"):
         AtlasRegistration("default", iterations=50)(mask, np.diag([3.0, 3.0, 3.0, 1.0]))
+
+
+def test_per_class_itk_wrappers_register_exactly_as_the_itk_namespace(monkeypatch, registered):
+    atlas, truth, result = registered
+    mask, affine = _subject_from_atlas(atlas, truth)
+    per_class = registration._itk_classes
+    monkeypatch.setattr(registration, "_itk_classes", lambda: per_class(per_class=False))
+    namespace = AtlasRegistration(atlas)(mask, affine)
+    assert per_class() is not per_class(per_class=False)
+    np.testing.assert_array_equal(namespace.atlas_to_subject, result.atlas_to_subject)
+    assert (namespace.metric, namespace.iterations) == (result.metric, result.iterations)
+
+
+def test_block_average_does_not_depend_on_the_memory_order():
+    mask = (np.random.default_rng(0).random((31, 22, 17)) < 0.4).astype(np.uint8) * 2
+    affine = np.diag([0.7, 0.8, 1.5, 1.0])
+    c, c_affine = block_average(mask, affine, 3.0)
+    f, f_affine = block_average(np.asfortranarray(mask), affine, 3.0)
+    np.testing.assert_array_equal(c, f)
+    np.testing.assert_array_equal(c_affine, f_affine)
+    assert c.shape == (7, 5, 8) and np.isclose(c.mean(), 0.4, atol=0.05)

@@ -24,14 +24,14 @@ from __future__ import annotations
 import gzip
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
-from scipy import ndimage
 
 from drasclr_ext import __version__
 from drasclr_ext.atlas import Atlas
@@ -39,7 +39,13 @@ from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json
 from drasclr_ext.metrics.emphysema import LAA_THRESHOLD_HU, emphysema_report
 from drasclr_ext.networks.heads import SUBTYPE_CLASSES, window_class_fractions
-from drasclr_ext.transforms.patches import DenseWindowResult, DenseWindows
+from drasclr_ext.transforms.patches import (
+    DenseWindowResult,
+    DenseWindows,
+    _memory_layout,
+    mask_bounding_box,
+    resample_affine,
+)
 from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = [
@@ -66,18 +72,65 @@ def gaussian_window_weights(window: int, sigma_scale: float) -> np.ndarray:
     return weights.numpy().astype(np.float32)
 
 
+def _gaussian_factor(window: int, sigma_scale: float) -> Optional[np.ndarray]:
+    """The 1D factor ``f`` of the Gaussian window weights (``weights = f x f x f``), or None when MONAI's clamping
+    of small weights makes them inseparable."""
+    factor = compute_importance_map((window,), mode="gaussian", sigma_scale=sigma_scale, device="cpu")
+    factor = factor.numpy().astype(np.float32)
+    outer = factor[:, None, None] * factor[None, :, None] * factor[None, None, :]
+    return factor if np.allclose(outer, gaussian_window_weights(window, sigma_scale), rtol=1e-5, atol=0) else None
+
+
 def blend_window_probabilities(
     windows: DenseWindowResult, probabilities: np.ndarray, sigma_scale: float = 0.25
 ) -> np.ndarray:
     """(C, X, Y, Z) float32 Gaussian-weighted average of per-window class probabilities (N, C) on the 1 mm grid.
 
-    Voxels no window covers are 0 in every channel.
+    Voxels no window covers are 0 in every channel. The Gaussian weights are separable, so the weighted sums are
+    three small matrix products over the lattice of window origins (the same sums as adding each weighted window
+    in turn, up to float32 rounding); a per-window loop is the fallback for inseparable weights.
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.shape[0] != len(windows):
         raise ValueError(f"{probabilities.shape[0]} predictions for {len(windows)} windows")
+    w, classes = windows.window, probabilities.shape[1]
+    factor = _gaussian_factor(w, sigma_scale)
+    if factor is None:
+        total, weight = _blend_loop(windows, probabilities, gaussian_window_weights(w, sigma_scale))
+    else:
+        # the windows on the lattice of their distinct origin coordinates: (C + 1, nx, ny, nz), the class
+        # probabilities and, as channel C, ones (whose blend is the summed weight)
+        lattice = [np.unique(windows.origins[:, a], return_inverse=True) for a in range(3)]
+        values = np.zeros((classes + 1, *(len(u) for u, _ in lattice)), dtype=np.float32)
+        at = tuple(inverse.ravel() for _, inverse in lattice)
+        values[(slice(0, classes), *at)] = probabilities.T
+        values[(classes, *at)] = 1.0
+        # spread[a][v, i]: weight at grid voxel v along axis a of the window with the i-th origin coordinate
+        spread = []
+        for a, (starts, _) in enumerate(lattice):
+            k = np.zeros((windows.grid_shape[a], len(starts)), dtype=np.float32)
+            for i, start in enumerate(starts):
+                k[start : start + w, i] = factor
+            spread.append(k)
+        values = np.einsum("cxyk,zk->cxyz", values, spread[2])
+        values = np.einsum("cxkz,yk->cxyz", values, spread[1])
+        # one BLAS product per channel, in the grid's memory order: (X, nx) @ (nx, Y Z) or (Z Y, nx) @ (nx, X)
+        layout, nx = _memory_layout(windows.grid), values.shape[1]
+        blended = _channels((classes + 1, *windows.grid_shape), layout, np.empty)
+        for c in range(classes + 1):
+            if layout == "C":
+                np.matmul(spread[0], values[c].reshape(nx, -1), out=blended[c].reshape(len(spread[0]), -1))
+            else:
+                zyx = np.ascontiguousarray(values[c].transpose(2, 1, 0)).reshape(-1, nx)
+                np.matmul(zyx, spread[0].T, out=blended[c].T.reshape(-1, len(spread[0])))
+        total, weight = blended[:classes], blended[classes]
+    np.divide(total, weight, out=total, where=weight > 0)
+    return total
+
+
+def _blend_loop(windows: DenseWindowResult, probabilities: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums (C, X, Y, Z) and summed weights (X, Y, Z) of the windows, one window at a time."""
     w = windows.window
-    g = gaussian_window_weights(w, sigma_scale)
     total = np.zeros((probabilities.shape[1], *windows.grid_shape), dtype=np.float32)
     weight = np.zeros(windows.grid_shape, dtype=np.float32)
     product = np.empty((probabilities.shape[1], w, w, w), dtype=np.float32)
@@ -85,14 +138,15 @@ def blend_window_probabilities(
         np.multiply(p[:, None, None, None], g, out=product)
         total[:, x : x + w, y : y + w, z : z + w] += product
         weight[x : x + w, y : y + w, z : z + w] += g
-    covered = weight > 0
-    total[:, covered] /= weight[covered]
-    return total
+    return total, weight
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nonzero = np.argwhere(mask)
-    return nonzero.min(0), nonzero.max(0) + 1
+def _channels(shape: Sequence[int], layout: str, allocate: Any = np.zeros) -> np.ndarray:
+    """A float32 (C, X, Y, Z) array from ``allocate`` (``np.zeros``, ``np.empty``) whose channels are each C- or
+    F-ordered (``layout``), channels slowest."""
+    if layout == "C":
+        return allocate(tuple(shape), dtype=np.float32)
+    return allocate((shape[0], *reversed(shape[1:])), dtype=np.float32).transpose(0, 3, 2, 1)
 
 
 def grid_to_image(
@@ -106,28 +160,41 @@ def grid_to_image(
     """Resample (C, Xg, Yg, Zg) grid values (trilinear) onto the image's voxels inside ``mask``; 0 elsewhere.
 
     With ``normalise`` the channels of each masked voxel are divided by their sum (probabilities near the edge of
-    the covered grid otherwise lose mass to the uncovered, all-zero voxels).
+    the covered grid otherwise lose mass to the uncovered, all-zero voxels). Each channel of the result has the
+    mask's memory order (Fortran for NIfTI scans), which keeps the later elementwise work and writing fast.
     """
     mask = np.asarray(mask) > 0
-    out = np.zeros((values.shape[0], *image_shape), dtype=np.float32)
-    if not mask.any():
-        return out
-    lo, hi = _bounding_box(mask)
+    layout = _memory_layout(mask)
+    out = _channels((values.shape[0], *image_shape), layout)
     image_to_grid = np.linalg.inv(np.asarray(grid_affine, np.float64)) @ np.asarray(image_affine, np.float64)
     matrix = image_to_grid[:3, :3]
-    offset = matrix @ lo + image_to_grid[:3, 3]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    inside = mask[box]
-    for c in range(values.shape[0]):
-        resampled = ndimage.affine_transform(
-            values[c], matrix, offset, output_shape=tuple(hi - lo), order=1, mode="constant", cval=0.0, prefilter=False
-        )
-        out[(c, *box)] = np.where(inside, resampled, 0.0)
-    if normalise:
-        sub = out[(slice(None), *box)]
-        total = sub.sum(axis=0)
-        np.divide(sub, total, out=sub, where=total > 0)
+    for box in _slabs(mask, layout):
+        lo = np.array([b.start for b in box])
+        shape = [b.stop - b.start for b in box]
+        inside, part = mask[box], out[(slice(None), *box)]
+        offset = matrix @ lo + image_to_grid[:3, 3]
+        for c in range(values.shape[0]):
+            resampled = resample_affine(values[c], matrix, offset, shape, order=1, cval=0.0, layout=layout)
+            np.copyto(part[c], resampled, where=inside)
+        if normalise:
+            total = part.sum(axis=0)
+            np.divide(part, total, out=part, where=total > 0)
     return out
+
+
+def _slabs(mask: np.ndarray, layout: str, voxels: int = 1 << 20) -> Iterator[tuple[slice, ...]]:
+    """Boxes that tile the bounding box of ``mask`` in slabs of about ``voxels`` along its slowest-varying axis:
+    small temporaries, which the allocator reuses instead of mapping (and zeroing) fresh memory for each."""
+    bounds = mask_bounding_box(mask)
+    if bounds is None:
+        return
+    lo, hi = bounds
+    axis = 2 if layout == "F" else 0
+    thickness = max(1, voxels // int(np.prod(np.delete(hi - lo, axis))))
+    for start in range(lo[axis], hi[axis], thickness):
+        box = [slice(a, b) for a, b in zip(lo, hi)]
+        box[axis] = slice(start, min(start + thickness, hi[axis]))
+        yield tuple(box)
 
 
 def resample_to_grid(
@@ -135,16 +202,11 @@ def resample_to_grid(
 ) -> np.ndarray:
     """A volume (X, Y, Z) with ``affine`` resampled onto a grid (nearest neighbour by default, 0 outside)."""
     grid_to_voxel = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(grid_affine, np.float64)
-    return ndimage.affine_transform(
-        np.asarray(volume),
-        grid_to_voxel[:3, :3],
-        grid_to_voxel[:3, 3],
-        output_shape=tuple(int(s) for s in grid_shape),
-        order=order,
-        mode="constant",
-        cval=0,
-        prefilter=False,
-    )
+    volume = np.asarray(volume)
+    out = resample_affine(volume, grid_to_voxel[:3, :3], grid_to_voxel[:3, 3], grid_shape, order=order, cval=0.0)
+    if order and np.issubdtype(volume.dtype, np.integer):
+        out = np.rint(out)  # as scipy, which rounds interpolated values into integer outputs
+    return out.astype(volume.dtype, copy=False)
 
 
 def window_targets(label: np.ndarray, affine: np.ndarray, windows: DenseWindowResult) -> np.ndarray:
@@ -165,18 +227,21 @@ def subtype_labels(
     """uint8 labels {0 outside lung, 1 normal, 2 CLE, 3 PSE, 4 PLE} from (4, X, Y, Z) probabilities (module doc)."""
     if decision not in DECISIONS:
         raise ValueError(f"unknown decision {decision!r}: use one of {DECISIONS}")
+    probabilities, hu = np.asarray(probabilities), np.asarray(hu)
     lung = np.asarray(lung_mask) > 0
-    labels = np.zeros(lung.shape, dtype=np.uint8)
-    if decision == "argmax":
-        labels[lung] = 1 + np.argmax(probabilities[:, lung], axis=0)
-        return labels
-    labels[lung] = 1
-    low = lung & (np.asarray(hu) < laa_threshold)
-    p = probabilities[1:, low]
-    best = np.argmax(p, axis=0)
-    emphysema = np.take_along_axis(p, best[None], axis=0)[0] >= min_probability
-    values = np.where(emphysema, best + 2, 1).astype(np.uint8)
-    labels[low] = values
+    layout = _memory_layout(lung)
+    labels = np.zeros(lung.shape, dtype=np.uint8, order=layout)
+    for box in _slabs(lung, layout):
+        inside = lung[box]
+        p = probabilities[(slice(None), *box)]
+        if decision == "argmax":
+            labels[box] = np.where(inside, 1 + np.argmax(p, axis=0), 0)
+            continue
+        # the most probable emphysema subtype (ties to the first, as argmax) and its probability
+        top = np.maximum(np.maximum(p[1], p[2]), p[3])
+        best = np.where(p[1] == top, 2, np.where(p[2] == top, 3, 4)).astype(np.uint8)
+        emphysema = inside & (hu[box] < laa_threshold) & (top >= min_probability)
+        labels[box] = np.where(emphysema, best, inside.astype(np.uint8))
     return labels
 
 
@@ -191,7 +256,8 @@ class DenseSubtypeInferer:
         network: a :class:`~drasclr_ext.networks.heads.DrasCLRSubtypeNet` (``forward(x, loc) -> logits``).
         atlas: the atlas the registration used (an :class:`Atlas` or its name).
         device: where the network runs.
-        batch_size: windows per forward pass (32 is fastest on CPU).
+        batch_size: windows per forward pass (the same probabilities whatever the size, up to float rounding; on
+            the 2-core CPU sandbox 8 to 12 ran fastest, about 1.4x faster than 32: docs/BENCHMARKS.md).
         window, stride, margin: the dense window grid (1 mm voxels).
         sigma_scale: Gaussian blending sigma as a fraction of the window.
         decision: "attenuation" or "argmax" (see :func:`subtype_labels`).
@@ -227,7 +293,7 @@ class DenseSubtypeInferer:
         self.min_probability = float(min_probability)
         self.image_key, self.mask_key, self.registration_key = image_key, mask_key, registration_key
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, windows: DenseWindowResult) -> np.ndarray:
         """(N, C) softmax probabilities of every window, in batches of ``batch_size``."""
         self.network.eval()
@@ -288,9 +354,14 @@ def save_probabilities(prob: Any, affine: np.ndarray, path: Union[str, Path]) ->
     import nibabel as nib
 
     array = prob.detach().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
-    data = np.empty((*array.shape[1:], array.shape[0]), dtype=np.uint8)
-    for c in range(array.shape[0]):  # one channel at a time: no full-size float copy
-        data[..., c] = np.round(np.clip(array[c], 0.0, 1.0) * 255.0)
+    # NIfTI's own (Fortran) order, filled a few slices at a time: no full-size float temporary, no transposed write
+    data = np.empty((*array.shape[1:], array.shape[0]), dtype=np.uint8, order="F")
+    slab = 8
+    for c in range(array.shape[0]):
+        for k in range(0, array.shape[-1], slab):
+            scaled = np.multiply(array[c, ..., k : k + slab], np.float32(255.0))
+            np.clip(scaled, 0.0, 255.0, out=scaled)
+            data[..., k : k + slab, c] = np.rint(scaled, out=scaled)
     image = nib.Nifti1Image(data, affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
@@ -328,12 +399,16 @@ def render_overview(
     hu_ras = nib.orientations.apply_orientation(hu, ornt)
     label_ras = nib.orientations.apply_orientation(label, ornt)
     spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)[ornt[:, 0].astype(int)]
-    lung = np.argwhere(label_ras > 0)
-    if len(lung) == 0:
+    lung = label_ras > 0
+    per_y = np.count_nonzero(lung, axis=(0, 2))  # lung voxels per coronal plane
+    occupied_z = np.flatnonzero(np.any(lung, axis=(0, 1)))
+    if occupied_z.size == 0:
         raise InputImageError("no lung voxels to show in the overview")
-    z_lo, z_hi = lung[:, 2].min(), lung[:, 2].max()
+    z_lo, z_hi = occupied_z[0], occupied_z[-1]
     axial = [int(z_lo + f * (z_hi - z_lo)) for f in (0.8, 0.5, 0.2)]
-    coronal = int(np.median(lung[:, 1]))
+    # the median y of the lung voxels (np.median of their y indices) from the counts per plane
+    cumulative, n = np.cumsum(per_y), int(per_y.sum())
+    coronal = int(np.searchsorted(cumulative, [(n - 1) // 2, n // 2], side="right").mean())
     colours = np.zeros((5, 4))
     for value, rgb in LABEL_COLOURS.items():
         colours[value] = (*rgb, 0.25 if value == 1 else 0.85)
@@ -407,13 +482,17 @@ class DenseSubtypeWriter:
         subject_dir = Path(subject_dir)
         image = data["image"]
         hu, affine = _array_and_affine(image, None)
-        save_probabilities(data["subtype_prob"], affine, subject_dir / "subtype_prob.nii.gz")
-        save_like(data["subtype_label"], image, subject_dir / "subtype_label.nii.gz", np.uint8)
-        save_like(data["lung_mask"], image, subject_dir / "lung_mask.nii.gz", np.uint8)
-        report = self.report(data, subject_dir.name)
-        if self.overview:
-            label, _ = _array_and_affine(data["subtype_label"], affine)
-            render_overview(hu, label, affine, subject_dir / "overview.png", title=str(report["subject"]))
+        # the probability map, the largest file, is written on a second thread meanwhile (numpy and zlib release
+        # the GIL, so the two cores share the work)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            written = pool.submit(save_probabilities, data["subtype_prob"], affine, subject_dir / "subtype_prob.nii.gz")
+            save_like(data["subtype_label"], image, subject_dir / "subtype_label.nii.gz", np.uint8)
+            save_like(data["lung_mask"], image, subject_dir / "lung_mask.nii.gz", np.uint8)
+            report = self.report(data, subject_dir.name)
+            if self.overview:
+                label, _ = _array_and_affine(data["subtype_label"], affine)
+                render_overview(hu, label, affine, subject_dir / "overview.png", title=str(report["subject"]))
+            written.result()
         return atomic_write_json(subject_dir / self.DONE_FILE, report)
 
 

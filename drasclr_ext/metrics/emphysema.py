@@ -81,6 +81,65 @@ def pse_grade(fraction: float) -> int:
     return _grade(fraction, _PSE_CUTOFFS, "pse_grade")
 
 
+_SIDES = ((1, "right"), (2, "left"))
+_ZONES = ("lower", "middle", "upper")  # zone index 0, 1, 2: thirds of each lung by height
+_REGIONS = (
+    "whole", "right", "left", "upper", "middle", "lower",
+    "right_upper", "right_middle", "right_lower", "left_upper", "left_middle", "left_lower",
+)  # fmt: skip
+
+
+def _lung_box(m: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of the lung voxels (label > 0) of a 3D label map, from its projections."""
+    lung = m > 0
+    box = []
+    for axis in range(3):
+        occupied = np.flatnonzero(np.any(lung, axis=tuple(a for a in range(3) if a != axis)))
+        if occupied.size == 0:
+            raise InputImageError("the lung mask is empty: check the lung segmentation of this scan")
+        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+    return tuple(box)
+
+
+def _region_codes(m: np.ndarray, a: np.ndarray, box: tuple[slice, ...], slab: int = 8) -> np.ndarray:
+    """uint8 region codes of the voxels of ``m[box]``: 0 outside the lung, ``1 + 3 * side + zone`` in the right
+    (side 0) or left (side 1) lung (zone 0 lower, 1 middle, 2 upper, as :func:`lung_regions` defines them), 7 for
+    other positive labels (lung, but neither side).
+
+    Two passes over slabs along the slowest-varying axis (the extent of each lung by height, then the zones), so no
+    full-size height array is built; heights are summed exactly as :func:`lung_regions` always did.
+    """
+    sub = m[box]
+    ijk = [np.arange(b.start, b.stop, dtype=np.float64) for b in box]
+    axis = int(np.argmax(np.abs(sub.strides)))
+
+    def slabs():
+        for start in range(0, sub.shape[axis], slab):
+            index = [slice(None)] * 3
+            index[axis] = slice(start, start + slab)
+            i, j, k = (c[s] for c, s in zip(ijk, index))
+            height = a[2, 0] * i[:, None, None] + a[2, 1] * j[None, :, None] + a[2, 2] * k[None, None, :] + a[2, 3]
+            yield tuple(index), height
+
+    extent = {value: [np.inf, -np.inf] for value, _ in _SIDES}
+    for index, height in slabs():
+        for value, bounds in extent.items():
+            side = sub[index] == value
+            bounds[0] = min(bounds[0], np.min(height, where=side, initial=np.inf))
+            bounds[1] = max(bounds[1], np.max(height, where=side, initial=-np.inf))
+    codes = np.where(sub > 0, np.uint8(7), np.uint8(0))
+    for index, height in slabs():
+        labels = sub[index]
+        for s, (value, _) in enumerate(_SIDES):
+            lo, hi = extent[value]
+            if lo > hi:  # this lung is absent
+                continue
+            rel = (height - lo) / (hi - lo) if hi > lo else np.zeros_like(height)
+            zone = (rel >= 1 / 3).astype(np.uint8) + (rel >= 2 / 3)
+            np.copyto(codes[index], 1 + 3 * s + zone, where=labels == value)
+    return codes
+
+
 def lung_regions(lung_mask: Any, affine: Any) -> dict[str, np.ndarray]:
     """Boolean masks of the whole lung, each lung, and the upper/middle/lower third by height of each lung.
 
@@ -92,56 +151,81 @@ def lung_regions(lung_mask: Any, affine: Any) -> dict[str, np.ndarray]:
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4):
         raise InputImageError(f"affine must be 4x4, got shape {a.shape}")
-    i, j, k = (np.arange(n, dtype=np.float64) for n in m.shape)
-    height = a[2, 0] * i[:, None, None] + a[2, 1] * j[None, :, None] + a[2, 2] * k[None, None, :] + a[2, 3]
-    regions: dict[str, np.ndarray] = {"whole": m > 0, "right": m == 1, "left": m == 2}
-    for zone in ("upper", "middle", "lower"):
-        regions[zone] = np.zeros(m.shape, dtype=bool)
-    for side in ("right", "left"):
-        sel = regions[side]
-        for zone in ("upper", "middle", "lower"):
-            regions[f"{side}_{zone}"] = np.zeros(m.shape, dtype=bool)
-        if not sel.any():
-            continue
-        h = np.broadcast_to(height, m.shape)[sel]
-        lo, hi = h.min(), h.max()
-        rel = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
-        for zone, z in (("lower", rel < 1 / 3), ("middle", (rel >= 1 / 3) & (rel < 2 / 3)), ("upper", rel >= 2 / 3)):
-            region = np.zeros(m.shape, dtype=bool)
-            region[sel] = z
-            regions[f"{side}_{zone}"] = region
-            regions[zone] |= region
+    regions = {name: np.zeros(m.shape, dtype=bool) for name in _REGIONS}
+    regions.update(whole=m > 0, right=m == 1, left=m == 2)
+    if not regions["whole"].any():
+        return regions
+    box = _lung_box(m)
+    codes = _region_codes(m, a, box)
+    for s, (_, side) in enumerate(_SIDES):
+        for z, zone in enumerate(_ZONES):
+            region = codes == 1 + 3 * s + z
+            regions[f"{side}_{zone}"][box] = region
+            regions[zone][box] |= region
     return regions
 
 
 def emphysema_report(hu: Any, lung_mask: Any, affine: Any, subtype_label: Any = None) -> dict[str, Any]:
     """Clinical summary of one scan: lung volume (ml), LAA-950 (%), Perc15 (HU), per-region LAA-950 and volume,
-    and, given an emphysema label map {0 outside, 1 normal, 2 CLE, 3 PSE, 4 PLE}, subtype fractions and grades."""
+    and, given an emphysema label map {0 outside, 1 normal, 2 CLE, 3 PSE, 4 PLE}, subtype fractions and grades.
+
+    Every count comes from one histogram of (region, below -950 HU, label) over the lung's bounding box.
+    """
     h = _volume(hu, "hu")
     m = _volume(lung_mask, "lung mask")
     a = np.asarray(affine, dtype=np.float64)
+    if h.shape != m.shape:
+        raise InputImageError(
+            f"image {h.shape} and lung mask {m.shape} differ in shape: compute the mask on this image"
+        )
     voxel_ml = float(abs(np.linalg.det(a[:3, :3]))) / 1000.0
     label = None if subtype_label is None else _volume(subtype_label, "subtype label")
     if label is not None and label.shape != m.shape:
         raise InputImageError(f"subtype label {label.shape} and lung mask {m.shape} differ in shape")
+    box = _lung_box(m)
+    codes = _region_codes(m, a, box)
+    order = "F" if codes.flags.f_contiguous and not codes.flags.c_contiguous else "C"  # flatten in memory order
+    values = h[box].ravel(order)[codes.ravel(order) > 0]
+    # key = 10 * region code + 5 * (below -950 HU) + label (labels other than 1..4 count as 0)
+    key = codes * np.uint8(10)
+    key += (h[box] < LAA_THRESHOLD_HU).astype(np.uint8) * np.uint8(5)
+    if label is not None:
+        sub = label[box]
+        if sub.dtype.kind not in "biu":  # float labels: only whole numbers are labels
+            sub = np.where(sub == np.round(sub), sub, 0)
+        key += np.where((sub >= 1) & (sub <= 4), sub, 0).astype(np.uint8)
+    counts = np.bincount(key.ravel(order), minlength=80).reshape(8, 2, 5)  # (region code, below -950, label)
+    counts[0] = counts[1:].sum(axis=0)  # code 0 is outside the lung: reuse its row for the whole lung
+    by_region = {
+        "whole": counts[0],
+        "right": counts[1:4].sum(axis=0),
+        "left": counts[4:7].sum(axis=0),
+        **{zone: counts[1 + z] + counts[4 + z] for z, zone in enumerate(_ZONES)},
+        **{
+            f"{side}_{zone}": counts[1 + 3 * s + z]
+            for s, (_, side) in enumerate(_SIDES)
+            for z, zone in enumerate(_ZONES)
+        },
+    }
+    whole = by_region["whole"]
     report: dict[str, Any] = {
-        "lung_volume_ml": float(np.count_nonzero(m) * voxel_ml),
-        "laa950_percent": laa950_percent(h, m),
-        "perc15_hu": perc15(h, m),
+        "lung_volume_ml": float(int(whole.sum()) * voxel_ml),
+        "laa950_percent": float(100.0 * int(whole[1].sum()) / int(whole.sum())),
+        "perc15_hu": float(np.percentile(values.astype(np.float64), 15.0)),
         "regions": {},
     }
-    for name, region in lung_regions(m, a).items():
-        n = int(np.count_nonzero(region))
-        entry: dict[str, Any] = {"volume_ml": n * voxel_ml, "laa950_percent": laa950_percent(h, region) if n else None}
+    for name in _REGIONS:
+        c = by_region[name]
+        n = int(c.sum())
+        laa = 100.0 * int(c[1].sum()) / n if n else None
+        entry: dict[str, Any] = {"volume_ml": n * voxel_ml, "laa950_percent": laa}
         if label is not None:
-            entry["subtype_fractions"] = {
-                s: (float(np.count_nonzero(label[region] == v)) / n if n else None) for v, s in SUBTYPE_NAMES.items()
-            }
+            per_label = c.sum(axis=0)
+            entry["subtype_fractions"] = {s: (float(per_label[v]) / n if n else None) for v, s in SUBTYPE_NAMES.items()}
         report["regions"][name] = entry
     if label is not None:
-        whole = m > 0
-        n = int(np.count_nonzero(whole))
-        fractions = {s: float(np.count_nonzero(label[whole] == v)) / n for v, s in SUBTYPE_NAMES.items()}
+        per_label, n = whole.sum(axis=0), int(whole.sum())
+        fractions = {s: float(per_label[v]) / n for v, s in SUBTYPE_NAMES.items()}
         report["subtype_fractions"] = fractions
         report["cle_grade"] = cle_grade(fractions["centrilobular"])
         report["pse_grade"] = pse_grade(fractions["paraseptal"])

@@ -75,13 +75,18 @@ def _block_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(y.T) if fortran else y
 
 
-def _upsample(labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a coarse grid made by ``_block_mean`` back to ``shape``."""
+def _upsample(
+    labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...], layout: str = "C"
+) -> np.ndarray:
+    """Nearest-neighbour upsampling of a coarse grid made by ``_block_mean`` back to ``shape``, in the memory
+    order ``layout`` ("F": that of NIfTI and ITK volumes, built as the transpose of a C-ordered upsampling)."""
+    if layout == "F":
+        return _upsample(labels.T, factors[::-1], tuple(shape)[::-1]).T  # type: ignore[arg-type]
     out = labels
     for axis, f in enumerate(factors):
         if f > 1:
             out = out.repeat(f, axis=axis)
-    return out[: shape[0], : shape[1], : shape[2]]
+    return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
 
 
 def _slice_structure(axial_axis: int) -> np.ndarray:
@@ -367,11 +372,14 @@ def compute_lung_mask(
     band = (near_right | near_left) & ~inner & ~airway & ~outside
     nearest = np.where(labels_c > 0, labels_c, np.where(near_right, RIGHT_LUNG, LEFT_LUNG)).astype(np.uint8)
     code = np.where(band, nearest + 3, labels_c).astype(np.uint8)  # 4, 5: band voxels near the right, left lung
-    full = _upsample(code, factors, hu.shape)  # type: ignore[arg-type]
-    in_band = full > 3
-    full[in_band] = np.where(hu[in_band] < params.threshold, full[in_band] - 3, 0)
+    layout = "F" if hu.flags.f_contiguous and not hu.flags.c_contiguous else "C"  # the input's memory order
+    full = _upsample(code, factors, hu.shape, layout)  # type: ignore[arg-type]
+    # flat views in memory order: boolean indexing of Fortran-ordered arrays is ten times slower
+    flat = full.ravel(layout)
+    band = np.flatnonzero(flat > 3)
+    flat[band] = np.where(hu.ravel(layout)[band] < params.threshold, flat[band] - 3, 0)
     if return_airways:
-        return full, _upsample(airway, factors, hu.shape)  # type: ignore[arg-type]
+        return full, _upsample(airway, factors, hu.shape, layout)  # type: ignore[arg-type]
     return full
 
 

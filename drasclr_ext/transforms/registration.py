@@ -12,11 +12,13 @@ coordinates to subject RAS WORLD coordinates (MONAI's convention; ITK works in L
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -107,6 +109,15 @@ class RegistrationResult:
             return cls.from_dict(json.load(f))
 
 
+def _block_sums(mask: np.ndarray, shape: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """uint16 sums of a C-ordered boolean (X, Y, Z) array over blocks of ``factors``, ``shape`` blocks per axis."""
+    fx, fy, fz = factors
+    # sum over blocks one axis at a time: keeps the temporaries small
+    out = mask.reshape(shape[0], fx, -1).sum(1, dtype=np.uint16)
+    out = out.reshape(shape[0], shape[1], fy, shape[2] * fz).sum(2, dtype=np.uint16)
+    return out.reshape(shape[0], shape[1], shape[2], fz).sum(3, dtype=np.uint16)
+
+
 def block_average(mask: np.ndarray, affine: np.ndarray, grid_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Lung fraction of ``mask`` on a coarser grid of about ``grid_mm`` (integer block factors per axis).
 
@@ -119,28 +130,95 @@ def block_average(mask: np.ndarray, affine: np.ndarray, grid_mm: float) -> tuple
     if np.any(shape < 1):
         raise RegistrationError(f"lung mask of shape {mask.shape} is too small to register; check the scan")
     cropped = np.asarray(mask[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]) > 0
-    fx, fy, fz = factors
-    # sum over blocks one axis at a time: keeps the temporaries small
-    out = cropped.reshape(shape[0], fx, -1).sum(1, dtype=np.uint16)
-    out = out.reshape(shape[0], shape[1], fy, shape[2] * fz).sum(2, dtype=np.uint16)
-    out = out.reshape(shape[0], shape[1], shape[2], fz).sum(3, dtype=np.uint16)
-    fraction = out.astype(np.float32) / float(fx * fy * fz)
+    if cropped.flags.f_contiguous and not cropped.flags.c_contiguous:  # NIfTI order: sum the C-ordered transpose
+        out = _block_sums(cropped.T, shape[::-1], factors[::-1]).T
+    else:
+        out = _block_sums(np.ascontiguousarray(cropped), shape, factors)
+    fraction = out.astype(np.float32) / float(np.prod(factors))
     grid_affine = affine.copy()
     grid_affine[:3, :3] = affine[:3, :3] * factors
     grid_affine[:3, 3] = apply_affine(affine, (factors - 1) / 2.0)
     return fraction, grid_affine
 
 
-def _itk_image(array: np.ndarray, affine: np.ndarray):
-    """An ``itk.Image[itk.F, 3]`` of an (X, Y, Z) array with a RAS affine (converted to ITK's LPS geometry)."""
-    import itk
+@functools.cache
+def _itk_classes(per_class: bool = True) -> SimpleNamespace:
+    """The ITK classes the registration uses, from ITK's per-class wrapper modules where possible.
 
-    image = itk.image_from_array(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
+    ``itk.X`` loads, with X's module, every template of that module and of the modules it depends on (for the
+    registration: ImageIntensity, Smoothing, Convolution, Thresholding...), about 10 s per process on the 2-core
+    sandbox; importing the wrapper modules of the few classes used loads only the libraries they live in (2-4 s).
+    An ITK whose wrappers are laid out differently (or ``per_class=False``) uses the ``itk`` namespace: the same
+    classes, the same result.
+    """
+    try:
+        if not per_class:
+            raise ImportError("the itk namespace was asked for")
+        from itk import (
+            ITKCommonBasePython,
+            itkAffineTransformPython,
+            itkCenteredTransformInitializerPython,
+            itkImageRegistrationMethodv4Python,
+            itkMatrixPython,
+            itkMeanSquaresImageToImageMetricv4Python,
+            itkPyBufferPython,
+            itkRegistrationParameterScalesFromPhysicalShiftPython,
+            itkRegularStepGradientDescentOptimizerv4Python,
+            itkVersorRigid3DTransformPython,
+            vnl_matrix_fixedPython,
+        )
+
+        def matrix(array: np.ndarray) -> Any:
+            vnl = vnl_matrix_fixedPython.vnl_matrix_fixedD_3_3()
+            for (i, j), value in np.ndenumerate(array):
+                vnl.put(i, j, float(value))
+            return itkMatrixPython.itkMatrixD33(vnl)
+
+        return SimpleNamespace(
+            threads=ITKCommonBasePython.itkMultiThreaderBase,
+            image_view=itkPyBufferPython.itkPyBufferIF3.GetImageViewFromArray,
+            matrix=matrix,
+            rigid=itkVersorRigid3DTransformPython.itkVersorRigid3DTransformD,
+            initializer=itkCenteredTransformInitializerPython.itkCenteredTransformInitializerVR3DTDIF3IF3,
+            affine=itkAffineTransformPython.itkAffineTransformD3,
+            metric=itkMeanSquaresImageToImageMetricv4Python.itkMeanSquaresImageToImageMetricv4IF3IF3,
+            scales=itkRegistrationParameterScalesFromPhysicalShiftPython.itkRegistrationParameterScalesFromPhysicalShiftMSITIMF3,
+            optimizer=itkRegularStepGradientDescentOptimizerv4Python.itkRegularStepGradientDescentOptimizerv4D,
+            method=itkImageRegistrationMethodv4Python.itkImageRegistrationMethodv4REGv4F3F3,
+            sampling=itkImageRegistrationMethodv4Python.itkImageRegistrationMethodv4Enums,
+        )
+    except (ImportError, AttributeError):
+        import itk
+
+        image = itk.Image[itk.F, 3]
+        metric = itk.MeanSquaresImageToImageMetricv4[image, image]
+        return SimpleNamespace(
+            threads=itk.MultiThreaderBase,
+            image_view=itk.PyBuffer[image].GetImageViewFromArray,
+            matrix=lambda array: itk.matrix_from_array(np.ascontiguousarray(array, dtype=np.float64)),
+            rigid=itk.VersorRigid3DTransform[itk.D],
+            initializer=itk.CenteredTransformInitializer[itk.VersorRigid3DTransform[itk.D], image, image],
+            affine=itk.AffineTransform[itk.D, 3],
+            metric=metric,
+            scales=itk.RegistrationParameterScalesFromPhysicalShift[metric],
+            optimizer=itk.RegularStepGradientDescentOptimizerv4[itk.D],
+            method=itk.ImageRegistrationMethodv4[image, image],
+            sampling=itk.itkImageRegistrationMethodv4Python.itkImageRegistrationMethodv4Enums,
+        )
+
+
+def _itk_image(array: np.ndarray, affine: np.ndarray):
+    """An ``itk.Image[itk.F, 3]`` of an (X, Y, Z) array with a RAS affine (converted to ITK's LPS geometry).
+
+    The image views a float32 copy of the array (ITK's x fastest: the array's Fortran order), which it keeps alive.
+    """
+    api = _itk_classes()
+    image = api.image_view(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
     lps = _LPS @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3] / spacing)))
+    image.SetDirection(api.matrix(lps[:3, :3] / spacing))
     return image
 
 
@@ -276,51 +354,52 @@ class AtlasRegistration(Transform):
     def _register(
         self, fixed_array: np.ndarray, fixed_affine: np.ndarray, moving_array: np.ndarray, moving_affine: np.ndarray
     ) -> tuple[np.ndarray, float, int, str]:
-        import itk
-
-        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(self.threads)
-        image_type = itk.Image[itk.F, 3]
+        api = _itk_classes()
+        api.threads.SetGlobalDefaultNumberOfThreads(self.threads)
         fixed = _itk_image(fixed_array, fixed_affine)
         moving = _itk_image(moving_array, moving_affine)
 
         # centre-of-mass initialisation: ITK Python wraps CenteredTransformInitializer for rigid transforms only,
         # so initialise a rigid one in MOMENTS mode and copy its centre and translation into the affine
-        rigid = itk.VersorRigid3DTransform[itk.D].New()
-        initializer = itk.CenteredTransformInitializer[type(rigid), image_type, image_type].New(
-            Transform=rigid, FixedImage=fixed, MovingImage=moving
-        )
+        rigid = api.rigid.New()
+        initializer = api.initializer.New()
+        initializer.SetTransform(rigid)
+        initializer.SetFixedImage(fixed)
+        initializer.SetMovingImage(moving)
         initializer.MomentsOn()
         initializer.InitializeTransform()
-        transform = itk.AffineTransform[itk.D, 3].New()
+        transform = api.affine.New()
         transform.SetCenter(rigid.GetCenter())
         transform.SetTranslation(rigid.GetTranslation())
 
-        metric = itk.MeanSquaresImageToImageMetricv4[image_type, image_type].New()
+        metric = api.metric.New()
         # central-difference gradients instead of recursive-Gaussian gradient images: faster, as accurate on
         # block-averaged masks
         metric.SetUseMovingImageGradientFilter(False)
         metric.SetUseFixedImageGradientFilter(False)
-        scales = itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
-        optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
-            LearningRate=4.0,
-            MinimumStepLength=1e-3,
-            RelaxationFactor=0.6,
-            NumberOfIterations=self.iterations,
-            GradientMagnitudeTolerance=1e-6,
-            ReturnBestParametersAndValue=True,
-        )
+        scales = api.scales.New()
+        scales.SetMetric(metric)
+        optimizer = api.optimizer.New()
+        optimizer.SetLearningRate(4.0)
+        optimizer.SetMinimumStepLength(1e-3)
+        optimizer.SetRelaxationFactor(0.6)
+        optimizer.SetNumberOfIterations(self.iterations)
+        optimizer.SetGradientMagnitudeTolerance(1e-6)
+        optimizer.SetReturnBestParametersAndValue(True)
         optimizer.SetScalesEstimator(scales)
 
-        registration = itk.ImageRegistrationMethodv4[image_type, image_type].New(
-            FixedImage=fixed, MovingImage=moving, Metric=metric, Optimizer=optimizer, InitialTransform=transform
-        )
+        registration = api.method.New()
+        registration.SetFixedImage(fixed)
+        registration.SetMovingImage(moving)
+        registration.SetMetric(metric)
+        registration.SetOptimizer(optimizer)
+        registration.SetInitialTransform(transform)
         registration.InPlaceOn()
         registration.SetNumberOfLevels(len(self.shrink_factors))
         registration.SetShrinkFactorsPerLevel(self.shrink_factors)
         registration.SetSmoothingSigmasPerLevel(self.smoothing_sigmas)
         registration.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        enums = itk.itkImageRegistrationMethodv4Python.itkImageRegistrationMethodv4Enums
-        registration.SetMetricSamplingStrategy(enums.MetricSamplingStrategy_RANDOM)
+        registration.SetMetricSamplingStrategy(api.sampling.MetricSamplingStrategy_RANDOM)
         fractions = self.sampling_fraction
         if np.ndim(fractions) == 0:
             fractions = [float(fractions)] * len(self.shrink_factors)
@@ -329,7 +408,8 @@ class AtlasRegistration(Transform):
         registration.Update()
 
         # ITK: fixed (atlas) LPS point -> moving (subject) LPS point, y = M x + offset
-        m = np.array(itk.array_from_matrix(transform.GetMatrix()), dtype=np.float64)
+        linear = transform.GetMatrix()
+        m = np.array([[linear(i, j) for j in range(3)] for i in range(3)], dtype=np.float64)
         offset = np.array(transform.GetOffset(), dtype=np.float64)
         lps = np.eye(4)
         lps[:3, :3], lps[:3, 3] = m, offset
