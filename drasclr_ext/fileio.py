@@ -16,11 +16,12 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 
 
-def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
+def atomic_write(path: PathLike, write: Callable[[str], Any], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` (named ``...<suffix>``, for writers that pick
+    the format by extension), then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

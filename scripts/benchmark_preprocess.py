@@ -40,14 +40,11 @@ def run_once(path: str, atlas: str, atlas_path: str | None) -> dict:
 
     import numpy as np
 
+    from drasclr_ext.transforms.registration import _itk_classes
+
     times = {}
     t = time.perf_counter()
-    import itk
-
-    image_type = itk.Image[itk.F, 3]
-    itk.ImageRegistrationMethodv4[image_type, image_type]
-    itk.MeanSquaresImageToImageMetricv4[image_type, image_type]
-    _ = itk.CenteredTransformInitializer, itk.VersorRigid3DTransform[itk.D], itk.AffineTransform[itk.D, 3]
+    _itk_classes()  # the ITK classes the registration uses, loaded as it loads them
     times["itk_load_s"] = time.perf_counter() - t
 
     from drasclr_ext.transforms.io import load_ct

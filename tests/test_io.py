@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -207,3 +209,14 @@ def test_dicom_folder_picks_largest_series_and_applies_rescale(tmp_path):
     assert acq["convolution_kernel"] == "B30f" and acq["manufacturer"] == "Acme" and acq["kvp"] == 100.0
     assert acq["series_instance_uid"] == "1.2.3.4.1" and acq["dicom_series_in_folder"] == 2
     assert image.meta["subject"] == "study"
+
+
+def test_save_like_files_get_the_usual_permissions(tmp_path):
+    reference = MetaTensor(torch.zeros(4, 3, 2), affine=torch.eye(4))
+    old = os.umask(0o022)
+    try:
+        path = save_like(np.ones((4, 3, 2)), reference, tmp_path / "mask.nii.gz", dtype=np.uint8)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -9,7 +9,6 @@ with exactly the geometry of the scan it came from.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -21,6 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from drasclr_ext.errors import InputImageError
+from drasclr_ext.fileio import atomic_write
 from drasclr_ext.transforms.validate import check_ct_array
 
 PathLike = Union[str, os.PathLike]
@@ -265,18 +265,8 @@ def save_like(
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=f".tmp{suffix}")
 
 
 class LoadCT(Transform):
