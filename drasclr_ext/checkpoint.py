@@ -190,16 +190,23 @@ def load_bundle_weights(
 
     ``path`` may be a bundle ``model.pt`` (plain encoder state dict) or an official DrasCLR checkpoint.
     """
+    return _load_checked(network, path, bundle_root, "the bundle's network_def")
+
+
+def _load_checked(
+    module: torch.nn.Module, path: str | os.PathLike, bundle_root: str | os.PathLike | None, target: str
+) -> torch.nn.Module:
+    """Strict load of the state in ``path`` (its sha256 checked when ``bundle_root`` lists it) into ``module``."""
     expected = large_file_hash(bundle_root, path) if bundle_root is not None else None
     state = encoder_state(safe_torch_load(path, expected), path)
     try:
-        network.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"the weights in {path} do not fit the bundle's network_def ({exc}); "
+            f"the weights in {path} do not fit {target} ({exc}); "
             "set rep_dim/moco_dim/num_experts to those of the checkpoint"
         ) from exc
-    return network
+    return module
 
 
 def load_pretrained_encoder(
@@ -207,20 +214,12 @@ def load_pretrained_encoder(
 ) -> torch.nn.Module:
     """Load pretrained encoder weights (a bundle ``model.pt`` or an official checkpoint) into ``network.encoder``,
     checking the sha256 listed in the bundle's large_files.yml; the rest of ``network`` keeps its initialisation."""
-    expected = large_file_hash(bundle_root, path) if bundle_root is not None else None
-    state = encoder_state(safe_torch_load(path, expected), path)
     encoder = getattr(unwrap(network), "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         raise CheckpointError(
             f"{type(network).__name__} has no `encoder` to load the pretrained weights of {path} into"
         )
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"the pretrained encoder in {path} does not fit the network's encoder ({exc}); "
-            "set rep_dim/moco_dim/num_experts to those of the pretrained checkpoint"
-        ) from exc
+    _load_checked(encoder, path, bundle_root, "the network's encoder")
     return network
 
 

@@ -37,6 +37,14 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -
     return str(best[1]) if best else None
 
 
+def improved_best_metric(engine: Engine, previous: float) -> float | None:
+    """The validator's best key metric when this epoch set it above ``previous``, else None."""
+    metric = getattr(engine.state, "best_metric", None)
+    if metric is None or metric <= previous or engine.state.best_metric_epoch != engine.state.epoch:
+        return None
+    return metric
+
+
 class AtomicCheckpointSaver:
     """Save ``save_dict`` objects every ``save_interval`` epochs as ``<prefix>_epoch=N.pt``, atomically.
 
@@ -93,8 +101,8 @@ class AtomicCheckpointSaver:
             old.unlink(missing_ok=True)
 
     def save_best(self, engine: Engine) -> None:
-        metric = getattr(engine.state, "best_metric", None)
-        if metric is None or metric <= self._best or engine.state.best_metric_epoch != engine.state.epoch:
+        metric = improved_best_metric(engine, self._best)
+        if metric is None:
             return
         self._best = metric
         path = self.save_dir / f"{self.file_prefix}_key_metric.pt"
@@ -183,8 +191,8 @@ class WeightsExporter:
             engine.add_event_handler(Events.COMPLETED, lambda _: self())
 
     def _export_if_best(self, engine: Engine) -> None:
-        metric = getattr(engine.state, "best_metric", None)
-        if metric is None or metric <= self._best or engine.state.best_metric_epoch != engine.state.epoch:
+        metric = improved_best_metric(engine, self._best)
+        if metric is None:
             return
         self._best = metric
         self()

@@ -35,7 +35,7 @@ from drasclr_ext.atlas import box_counts
 from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
 from drasclr_ext.inference.dense import window_targets
-from drasclr_ext.inference.runner import our_error, write_failures
+from drasclr_ext.inference.runner import failure_row, write_failures
 from drasclr_ext.transforms.io import subject_name
 from drasclr_ext.transforms.patches import DenseWindows
 from drasclr_ext.transforms.registration import _array_and_affine
@@ -131,17 +131,7 @@ def _run_subjects(
         try:
             results.append(work(subject))
         except Exception as exc:  # one bad subject never stops the cohort
-            ours = our_error(exc)
-            reason = str(ours) if ours is not None else f"unexpected {type(exc).__name__}: {exc}"
-            logger.error(f"{subject.get('subject', subject.get('image'))}: {reason}")
-            failures.append(
-                {
-                    "subject": str(subject.get("subject", "")),
-                    "input": str(subject.get("image", "")),
-                    "error": type(ours or exc).__name__,
-                    "reason": reason,
-                }
-            )
+            failures.append(failure_row(str(subject.get("subject", "")), subject.get("image", ""), exc))
     return results, failures
 
 

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from monai.inferers import Inferer
 
-from drasclr_ext.checkpoint import unwrap
+from drasclr_ext.checkpoint import load_bundle_weights, load_pretrained_encoder, unwrap
+from drasclr_ext.errors import DrasCLRError
 from drasclr_ext.inference.dense import DenseSubtypeInferer
 
 __all__ = [
@@ -93,9 +94,6 @@ def initialise(
     """Initialise the network before fine-tuning: ``"pretrained"`` loads the pretrained encoder (the head starts
     fresh), ``"scratch"`` keeps the random initialisation, ``"bundle"`` continues from the bundle's current
     ``model.pt`` (encoder and head, e.g. for MONAI Label's repeated training). Hashes are checked where listed."""
-    from drasclr_ext.checkpoint import load_bundle_weights, load_pretrained_encoder
-    from drasclr_ext.errors import DrasCLRError
-
     if init_from == "pretrained":
         return load_pretrained_encoder(network, pretrained_path, bundle_root)
     if init_from == "bundle":

@@ -34,6 +34,19 @@ def our_error(exc: BaseException) -> DrasCLRError | None:
     return None
 
 
+def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]:
+    """Log why ``subject`` failed and return its ``failures.csv`` row (our error's message, or the unexpected
+    exception with its traceback in the log)."""
+    ours = our_error(exc)
+    if ours is not None:
+        logger.error(f"{subject}: {ours}")
+        reason, error = str(ours), type(ours).__name__
+    else:
+        logger.error(f"{subject}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        reason, error = f"unexpected: {exc}", type(exc).__name__
+    return {"subject": subject, "input": str(source), "error": error, "reason": reason}
+
+
 def write_failures(path: PathLike, failures: Sequence[dict[str, str]]) -> Path:
     """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
     buffer = io.StringIO()
@@ -107,14 +120,7 @@ class CohortRunner:
                 self.writer(data, subject_dir)
                 done.append(name)
             except Exception as exc:  # one bad scan never stops the cohort
-                ours = our_error(exc)
-                if ours is not None:
-                    logger.error(f"{name}: {ours}")
-                    reason, error = str(ours), type(ours).__name__
-                else:
-                    logger.error(f"{name}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-                    reason, error = f"unexpected: {exc}", type(exc).__name__
-                failures.append({"subject": name, "input": str(path), "error": error, "reason": reason})
+                failures.append(failure_row(name, path, exc))
         write_failures(self.output_dir / FAILURES_FILE, failures)
         summary = {
             "processed": done,

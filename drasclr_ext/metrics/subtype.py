@@ -157,6 +157,10 @@ class SubtypeScores:
         return out
 
 
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def subject_output(output: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """(inferer result, ground-truth label map) from a :class:`~monai.engines.SupervisedEvaluator` output."""
     return output["pred"], output["label"]
@@ -193,12 +197,8 @@ class SubtypeMetric(Metric):
     def update(self, output: tuple[dict[str, Any], Any]) -> None:
         pred, truth = output
         hu, affine = _array_and_affine(pred["image"], None)
-        prob = pred["subtype_prob"]
-        prob = prob.detach().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
-        truth = truth.detach().cpu().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)
-        label = pred["subtype_label"]
-        label = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
         lung, _ = _array_and_affine(pred["lung_mask"], affine)
+        label, prob, truth = (_numpy(x) for x in (pred["subtype_label"], pred["subtype_prob"], truth))
         self.scores.add(str(pred.get("subject", len(self.scores.subjects))), label, prob, truth, hu, lung, affine)
 
     def compute(self) -> Any:
