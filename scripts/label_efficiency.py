@@ -80,7 +80,7 @@ def run_one(args, datalist: Path, test_set, init: str, fraction: float) -> dict[
         ["train.json", "evaluate.json"],
         "infer",
         output_dir=str(out / "test"),
-        window_stride=args.eval_stride,
+        overlap=args.eval_overlap,
         **{"validate#dataset": test_set},
         **common,
     )
@@ -118,9 +118,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"])
     parser.add_argument("--iterations", type=int, default=100, help="training iterations of every run")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=2, help="subjects per batch (train.json's batch_size)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-stride", type=int, default=16, help="window stride of the test inference")
+    parser.add_argument("--eval-overlap", type=float, default=0.25, help="window overlap of the test inference")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

@@ -154,3 +154,43 @@ def test_real_abdominal_ct_has_no_lungs(abdomen_ct_dir):
     image = load_ct(abdomen_ct_dir)
     with pytest.raises(InputImageError, match=r"no lungs were found.*covers the chest"):
         compute_lung_mask(image.numpy(), image.affine.numpy())
+
+
+def _dense_inputs(lung: np.ndarray, affine=None):
+    """A scan and its lung mask as the dense inferer reads them (MetaTensors), identity registration."""
+    import torch
+    from monai.data import MetaTensor
+
+    from drasclr_ext.transforms.registration import RegistrationResult
+
+    chest = make_chest(spacing=(4.0, 4.0, 4.0), fov_mm=(120.0, 96.0, 96.0))
+    affine = torch.from_numpy(chest.affine if affine is None else affine)
+    image = MetaTensor(torch.from_numpy(chest.hu)[None], affine=torch.from_numpy(chest.affine))
+    return {
+        "image": image,
+        "lung_mask": MetaTensor(torch.from_numpy(lung)[None], affine=affine),
+        "registration": RegistrationResult(np.eye(4)),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "other shape"])
+def test_dense_inference_refuses_a_missing_or_mismatched_lung_mask(case):
+    from drasclr_ext.inference.dense import DenseSubtypeInferer
+    from drasclr_ext.networks.segmentation import DrasCLRSegNet
+
+    shape = (30, 24, 24)
+    lung = np.zeros(shape if case == "empty" else (30, 24, 20), np.uint8)
+    if case == "other shape":
+        lung[10:20, 8:16, 5:15] = 1
+    inferer = DenseSubtypeInferer(DrasCLRSegNet(num_experts=2), window=32)
+    message = "lung mask is empty" if case == "empty" else "differ in shape"
+    with pytest.raises(InputImageError, match=message):
+        inferer(_dense_inputs(lung))
+
+
+def test_dense_inference_needs_windows_of_a_multiple_of_32_mm():
+    from drasclr_ext.inference.dense import DenseSubtypeInferer
+    from drasclr_ext.networks.segmentation import DrasCLRSegNet
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DenseSubtypeInferer(DrasCLRSegNet(num_experts=2), window=48)

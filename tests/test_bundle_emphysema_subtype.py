@@ -14,7 +14,7 @@ from monai.bundle import ConfigWorkflow
 from drasclr_ext.checkpoint import large_file_hash, load_bundle_weights, sha256sum
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent
-from drasclr_ext.networks.heads import DrasCLRSubtypeNet
+from drasclr_ext.networks.segmentation import DrasCLRSegNet
 from drasclr_ext.transforms.io import load_ct
 from tests.bundle_utils import bundle_dir, check_metadata, check_network_export, config
 
@@ -22,7 +22,8 @@ NAME = "drasclr_emphysema_subtype"
 BUNDLE = bundle_dir(NAME)
 META = str(BUNDLE / "configs" / "metadata.json")
 MODEL = BUNDLE / "models" / "model.pt"
-FAST = {"phantom_resolution_scale": 4.0, "window_stride": 32}
+# a coarse phantom; 128^3 windows without overlap: a few large windows cost the fewest CPU seconds per voxel
+FAST = {"phantom_resolution_scale": 4.0, "window": 128, "overlap": 0.0}
 
 
 def inference_workflow(output_dir, **overrides) -> ConfigWorkflow:
@@ -41,11 +42,11 @@ def test_metadata_follows_the_schema():
 
 
 def test_network_in_out_and_torchscript_export(tmp_path):
-    check_network_export(NAME, DrasCLRSubtypeNet(), tmp_path)
+    check_network_export(NAME, DrasCLRSegNet(), tmp_path)
 
 
 def test_shipped_weights_match_their_hash_and_the_pretrained_encoder_is_the_ssl_bundles(tmp_path):
-    load_bundle_weights(DrasCLRSubtypeNet(), MODEL, BUNDLE)
+    load_bundle_weights(DrasCLRSegNet(), MODEL, BUNDLE)
     pretrained = BUNDLE / "models" / "pretrained_encoder.pt"
     assert sha256sum(pretrained) == sha256sum(bundle_dir("drasclr_lung_ct_ssl") / "models" / "model.pt")
     assert large_file_hash(BUNDLE, pretrained) == sha256sum(pretrained)
@@ -56,7 +57,7 @@ def test_shipped_weights_match_their_hash_and_the_pretrained_encoder_is_the_ssl_
     data[-100] ^= 0xFF
     (tampered / "models" / "model.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
-        load_bundle_weights(DrasCLRSubtypeNet(), tampered / "models" / "model.pt", tampered)
+        load_bundle_weights(DrasCLRSegNet(), tampered / "models" / "model.pt", tampered)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,17 @@ def test_embedded_phantom_report_is_the_emphysema_report_of_the_input(embedded_r
     assert report["cle_grade"] == expected["cle_grade"] and report["pse_grade"] == expected["pse_grade"]
     assert report["model"]["bundle_version"] == json.loads(open(META).read())["version"]
     assert report["registration_dice"] > 0.7
-    assert report["dense"]["windows"] > 50
+    dense = report["dense"]
+    assert (dense["window"], dense["overlap"]) == (128, 0.0)
+    # the 1 mm grid along the atlas axes (RAS up to flips) covers the lungs' voxel boxes plus the 4 mm margin
+    affine = np.asarray(scan.affine)
+    corners = np.argwhere(lung > 0)[:, None, :] + np.array(np.meshgrid(*[[-0.5, 0.5]] * 3)).reshape(3, -1).T
+    world = corners.reshape(-1, 3) @ affine[:3, :3].T + affine[:3, 3]
+    extent = world.max(0) - world.min(0)
+    assert np.all(np.array(dense["grid_shape"]) >= np.maximum(extent + 8, 128))
+    assert np.all(np.array(dense["grid_shape"]) <= np.maximum(extent + 11, 128))
+    starts = [len(set(range(0, n - 128, 128)) | {n - 128}) for n in dense["grid_shape"]]
+    assert 0 < dense["windows"] <= np.prod(starts)
 
 
 def test_a_broken_file_is_listed_in_failures(tmp_path):

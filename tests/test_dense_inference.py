@@ -1,5 +1,5 @@
-"""Dense emphysema subtype inference: window targets, the subtype network, blending, resampling to the input grid,
-labels, and the inferer + writer on a small synthetic chest."""
+"""Dense emphysema subtype inference: resampling to the input grid, labels, and the inferer (sliding windows over
+the atlas grid) + writer on a small synthetic chest."""
 
 from __future__ import annotations
 
@@ -15,79 +15,17 @@ from scipy import ndimage
 from drasclr_ext.inference.dense import (
     DenseSubtypeInferer,
     DenseSubtypeWriter,
-    _blend_loop,
-    blend_window_probabilities,
-    gaussian_window_weights,
     grid_to_image,
     resample_to_grid,
     save_probabilities,
     subtype_labels,
 )
 from drasclr_ext.metrics.emphysema import emphysema_report
-from drasclr_ext.networks.heads import DrasCLRSubtypeNet, soft_cross_entropy, window_class_fractions
-from drasclr_ext.transforms.patches import DenseWindowResult
+from drasclr_ext.networks.segmentation import DrasCLRSegNet
+from drasclr_ext.transforms.atlas_grid import atlas_grid
+from drasclr_ext.transforms.patches import hu_window
 from drasclr_ext.transforms.registration import RegistrationResult
 from tests.synthetic_chest import make_chest
-
-
-def _windows(shape, origins, window=4) -> DenseWindowResult:
-    origins = np.asarray(origins, dtype=np.int64)
-    return DenseWindowResult(
-        np.zeros(shape, np.float32), np.ones(shape, np.uint8), np.eye(4), origins, np.zeros((len(origins), 3)), window
-    )
-
-
-def test_window_class_fractions_count_lung_voxels_per_class():
-    labels = np.zeros((8, 4, 4), np.uint8)
-    labels[:4, :2] = 1  # first window: 32 normal
-    labels[:4, 2:, :2] = 2  # 16 centrilobular
-    labels[4:, :, :] = 4  # second window: all panlobular
-    fractions = window_class_fractions(labels, np.array([[0, 0, 0], [4, 0, 0], [8, 0, 0]]), window=4)
-    np.testing.assert_allclose(fractions, [[2 / 3, 1 / 3, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
-
-
-def test_soft_cross_entropy_equals_cross_entropy_for_one_hot_targets():
-    logits = torch.randn(5, 4)
-    target = torch.tensor([0, 3, 1, 2, 2])
-    torch.testing.assert_close(
-        soft_cross_entropy(logits, torch.nn.functional.one_hot(target, 4).float()),
-        torch.nn.functional.cross_entropy(logits, target),
-    )
-
-
-def test_subtype_net_packed_input_equals_patch_and_location():
-    torch.manual_seed(0)
-    net = DrasCLRSubtypeNet(num_experts=2).eval()
-    x, loc = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 3)
-    packed = torch.cat([x, loc[:, :, None, None, None].expand(2, 3, 32, 32, 32)], dim=1)
-    with torch.no_grad():
-        logits = net(x, loc)
-        torch.testing.assert_close(net(packed), logits)
-    assert logits.shape == (2, 4)
-
-
-def test_frozen_encoder_keeps_weights_and_batchnorm_statistics():
-    net = DrasCLRSubtypeNet(num_experts=2, freeze_encoder=True).train()
-    assert not net.encoder.training and net.head.training
-    assert not any(p.requires_grad for p in net.encoder.parameters())
-    assert all(p.requires_grad for p in net.head.parameters())
-
-
-def test_blend_is_the_window_probability_where_windows_agree_and_zero_uncovered():
-    res = _windows((12, 4, 4), [[0, 0, 0], [4, 0, 0]])
-    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]], np.float32)
-    out = blend_window_probabilities(res, probs)
-    np.testing.assert_allclose(out[:, :8], np.broadcast_to(probs[0][:, None, None, None], (4, 8, 4, 4)), rtol=1e-6)
-    assert np.all(out[:, 8:] == 0)
-
-
-def test_blend_weights_overlaps_by_distance_to_each_window_centre():
-    res = _windows((6, 4, 4), [[0, 0, 0], [2, 0, 0]])
-    out = blend_window_probabilities(res, np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32))
-    np.testing.assert_allclose(out[:, :2], np.array([1, 0, 0, 0])[:, None, None, None] * np.ones((4, 2, 4, 4)))
-    np.testing.assert_allclose(out[0, 2:4].mean(), 0.5, atol=1e-6)  # the overlap is symmetric
-    assert out[0, 2].mean() > 0.5 > out[0, 3].mean()  # x=2 is nearer window 1's centre
-    np.testing.assert_allclose(out.sum(0), 1.0, rtol=1e-6)
 
 
 def test_grid_to_image_resamples_through_both_affines_exactly():
@@ -117,46 +55,22 @@ def test_grid_to_image_normalises_probabilities_inside_the_mask():
     assert np.all(out[:, ~mask] == 0)
 
 
-@pytest.mark.parametrize(
-    "decision, expected",
-    [
-        ("attenuation", [0, 1, 2, 1, 1]),  # emphysema only where HU < -950 and the subtype is probable enough
-        ("argmax", [0, 1, 1, 4, 1]),
-    ],
-)
-def test_subtype_labels(decision, expected):
+def test_subtype_labels_are_the_most_probable_class_inside_the_lung():
     probs = np.array(
         [
+            [0.9, 0.1, 0.0, 0.0],  # outside the lung
             [0.9, 0.1, 0.0, 0.0],
-            [0.9, 0.1, 0.0, 0.0],
-            [0.6, 0.3, 0.0, 0.1],
-            [0.1, 0.0, 0.0, 0.9],
-            [0.99, 0.01, 0.0, 0.0],
+            [0.2, 0.5, 0.0, 0.3],
+            [0.1, 0.0, 0.3, 0.6],
+            [0.3, 0.0, 0.7, 0.0],
+            [0.25, 0.25, 0.25, 0.25],  # a tie goes to the first class
         ],
         np.float32,
-    ).T.reshape(4, 5, 1, 1)
-    hu = np.array([-1000, -900, -990, -900, -990], np.float32).reshape(5, 1, 1)
-    lung = np.array([0, 1, 1, 1, 1], np.uint8).reshape(5, 1, 1)
-    labels = subtype_labels(probs, hu, lung, decision, min_probability=0.05)
-    assert labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels.ravel(), expected)
-
-
-@pytest.mark.parametrize("sigma_scale", [0.25, 0.05])  # 0.05: MONAI clamps the weights, the loop blends
-@pytest.mark.parametrize("layout", ["C", "F"])
-def test_blend_equals_adding_the_weighted_windows_one_by_one(sigma_scale, layout):
-    rng = np.random.default_rng(0)
-    starts = np.stack(np.meshgrid(*[np.arange(n) * 4 for n in (4, 3, 5)], indexing="ij"), -1).reshape(-1, 3)
-    origins = starts[rng.random(len(starts)) < 0.6]  # a lattice with holes, like windows without lung
-    res = _windows((20, 16, 24), origins, window=8)
-    if layout == "F":
-        res.grid = np.asfortranarray(res.grid)
-    probs = rng.dirichlet(np.ones(4), len(origins)).astype(np.float32)
-    total, weight = _blend_loop(res, probs, gaussian_window_weights(8, sigma_scale))
-    expected = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
-    out = blend_window_probabilities(res, probs, sigma_scale)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out == 0, expected == 0)
+    ).T.reshape(4, 6, 1, 1)
+    lung = np.array([0, 1, 2, 1, 2, 1], np.uint8).reshape(6, 1, 1)
+    labels = subtype_labels(probs, lung)
+    assert labels.dtype == np.uint8 and labels.shape == (6, 1, 1)
+    np.testing.assert_array_equal(labels.ravel(), [0, 1, 2, 4, 3, 1])
 
 
 def _grid_to_image_reference(values, grid_affine, image_affine, mask):
@@ -194,36 +108,27 @@ def test_grid_to_image_equals_scipy_trilinear(oblique, layout):
     assert out[0].flags.f_contiguous if layout == "F" else out.flags.c_contiguous
 
 
-def _subtype_labels_reference(probabilities, hu, lung_mask, decision, min_probability):
-    """The boolean-indexing formulation subtype_labels had."""
-    lung = lung_mask > 0
-    labels = np.zeros(lung.shape, dtype=np.uint8)
-    if decision == "argmax":
-        labels[lung] = 1 + np.argmax(probabilities[:, lung], axis=0)
-        return labels
-    labels[lung] = 1
-    low = lung & (hu < -950.0)
-    p = probabilities[1:, low]
-    best = np.argmax(p, axis=0)
-    emphysema = np.take_along_axis(p, best[None], axis=0)[0] >= min_probability
-    labels[low] = np.where(emphysema, best + 2, 1)
+def _subtype_labels_reference(probabilities, lung_mask):
+    """Per voxel: 0 outside the lung, else 1 + the index of the largest probability (the first of ties)."""
+    labels = np.zeros(lung_mask.shape, dtype=np.uint8)
+    for index in zip(*np.nonzero(lung_mask)):
+        labels[index] = 1 + int(np.argmax(probabilities[(slice(None), *index)]))
     return labels
 
 
-@pytest.mark.parametrize("decision", ["attenuation", "argmax"])
 @pytest.mark.parametrize("layout", ["C", "F"])
-def test_subtype_labels_equal_the_per_voxel_definition(decision, layout):
+def test_subtype_labels_equal_the_per_voxel_definition(layout):
     rng = np.random.default_rng(2)
     shape = (20, 18, 16)
-    probs = rng.dirichlet([4, 1, 1, 1], shape).transpose(3, 0, 1, 2).astype(np.float32)
-    probs[2:, :5] = probs[1, :5]  # ties between subtypes go to the first, as argmax
-    hu = rng.uniform(-1000, -900, shape).astype(np.float32)
+    probs = rng.dirichlet([1, 1, 1, 1], shape).transpose(3, 0, 1, 2).astype(np.float32)
+    probs[1:, :5] = probs[0, :5]  # ties go to the first class, as argmax
     lung = np.zeros(shape, np.uint8)
     lung[2:18, 3:15, 1:14] = rng.integers(0, 3, (16, 12, 13))
     order = np.asfortranarray if layout == "F" else np.ascontiguousarray
-    labels = subtype_labels(order(probs), order(hu), order(lung), decision, min_probability=0.15)
-    np.testing.assert_array_equal(labels, _subtype_labels_reference(probs, hu, lung, decision, 0.15))
+    labels = subtype_labels(order(probs), order(lung))
+    np.testing.assert_array_equal(labels, _subtype_labels_reference(probs, lung))
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4}  # every label occurs
+    assert labels.flags.f_contiguous if layout == "F" else labels.flags.c_contiguous
 
 
 def test_resample_to_grid_equals_scipy():
@@ -251,10 +156,23 @@ def test_probabilities_are_written_as_rounded_255ths(tmp_path):
         np.testing.assert_array_equal(stored, np.moveaxis(np.round(np.clip(prob, 0, 1) * 255.0), 0, -1))
 
 
-@pytest.fixture(scope="module")
-def inferred(tmp_path_factory):
-    """The inferer and writer on a small synthetic chest (2 mm, RAS affine with flipped x/y), random weights."""
-    torch.manual_seed(0)
+EMPHYSEMA_HU = -950.0
+
+
+class AttenuationNet(torch.nn.Module):
+    """A stand-in segmentation network with a known answer: centrilobular where the windowed CT is below -950 HU,
+    normal elsewhere (steep logits), from the image channel of (B, 4, W, W, W) windows."""
+
+    num_classes = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 4:
+            raise ValueError(f"expected image + 3 location channels, got {x.shape[1]}")
+        margin = 200.0 * (x[:, 0] - float(hu_window(np.float32(EMPHYSEMA_HU))))
+        return torch.stack([margin, -margin, torch.full_like(margin, -50.0), torch.full_like(margin, -50.0)], 1)
+
+
+def _chest_data():
     chest = make_chest(spacing=(2.0, 2.0, 2.5), fov_mm=(160.0, 120.0, 100.0))
     hu = chest.hu.copy()
     hu[chest.lungs == 1] -= 130.0  # the right lung is low-attenuation
@@ -262,8 +180,17 @@ def inferred(tmp_path_factory):
     image = MetaTensor(torch.from_numpy(hu)[None], affine=torch.from_numpy(chest.affine), meta=meta)
     lung = MetaTensor(torch.from_numpy(chest.lungs)[None], affine=torch.from_numpy(chest.affine))
     data = {"image": image, "lung_mask": lung, "registration": RegistrationResult(np.eye(4)), "subject": "chest"}
-    inferer = DenseSubtypeInferer(DrasCLRSubtypeNet(num_experts=2), stride=32, min_probability=0.0)
-    out = inferer(data)
+    return chest, hu, data
+
+
+@pytest.fixture(scope="module")
+def inferred(tmp_path_factory):
+    """The inferer (a small DrasCLRSegNet, random weights) and writer on a small synthetic chest (2 mm, RAS affine
+    with flipped x/y)."""
+    torch.manual_seed(0)
+    chest, hu, data = _chest_data()
+    net = DrasCLRSegNet(rep_dim=16, moco_dim=8, num_experts=2, decoder_channels=(8, 8, 8, 8))
+    out = DenseSubtypeInferer(net, window=128, overlap=0.25)(data)  # 4 overlapping windows: the fewest CPU seconds
     subject_dir = tmp_path_factory.mktemp("dense") / "chest"
     DenseSubtypeWriter({"bundle": "test"})(out, subject_dir)
     return chest, hu, out, subject_dir
@@ -279,13 +206,68 @@ def test_inferer_outputs_in_the_input_geometry(inferred):
     assert np.all(prob[:, chest.lungs == 0] == 0)
 
 
-def test_labels_follow_the_lung_and_the_attenuation(inferred):
-    chest, hu, out, _ = inferred
+def test_labels_are_the_most_probable_class_in_the_lung_and_zero_outside(inferred):
+    chest, _, out, _ = inferred
     label = out["subtype_label"].numpy()[0]
+    assert label.dtype == np.uint8
     np.testing.assert_array_equal(label > 0, chest.lungs > 0)
-    low = (hu < -950) & (chest.lungs > 0)
-    assert low.any() and np.all(label[low] >= 2)  # min_probability 0: every low-attenuation voxel is emphysema
-    assert np.all(label[(chest.lungs > 0) & ~low] == 1)
+    prob = out["subtype_prob"].numpy()
+    lung = chest.lungs > 0
+    np.testing.assert_array_equal(label[lung], 1 + np.argmax(prob[:, lung], axis=0))
+
+
+def _window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window starts along one axis: every ``window * (1 - overlap)`` voxels, the last flush with the end."""
+    step = int(window * (1 - overlap))
+    return sorted(set(range(0, size - window, step)) | {size - window})
+
+
+def _windows_with_lung(data, window: int, overlap: float) -> tuple[int, int, list[int]]:
+    """(windows holding lung, all windows, grid shape) of the sliding windows over the subject's atlas grid."""
+    grid = atlas_grid(data["image"], data["lung_mask"], data["registration"], "default", margin=4, min_size=window)
+    starts = [_window_starts(n, window, overlap) for n in grid.shape]
+    with_lung = sum(
+        bool(grid.lung[x : x + window, y : y + window, z : z + window].any())
+        for x in starts[0]
+        for y in starts[1]
+        for z in starts[2]
+    )
+    return with_lung, int(np.prod([len(s) for s in starts])), list(grid.shape)
+
+
+def test_dense_info_counts_the_windows_with_lung(inferred):
+    _, _, out, _ = inferred
+    with_lung, total, shape = _windows_with_lung(_chest_data()[2], 128, 0.25)
+    info = out["dense_info"]
+    assert info["grid_shape"] == shape and min(shape) >= 128
+    assert info["windows"] == with_lung > 1
+    assert (info["window"], info["overlap"], info["sigma_scale"], info["autocast"]) == (128, 0.25, 0.125, False)
+    assert set(info["timings"]) == {"atlas_grid_s", "network_s", "to_input_grid_s"}
+
+
+@pytest.mark.parametrize("window, overlap", [(32, 0.0), (64, 0.25)])
+def test_maps_follow_the_anatomy_through_the_grid_and_back(window, overlap):
+    """With a network whose answer is known (CLE below -950 HU), the labels in the input geometry are CLE in the
+    low-attenuation right lung and normal in the left: the atlas grid, the windows and the way back line up. Only
+    the windows that hold lung are computed."""
+    chest, hu, data = _chest_data()
+    out = DenseSubtypeInferer(AttenuationNet(), window=window, overlap=overlap)(data)
+    label = out["subtype_label"].numpy()[0]
+    # the lungs reach the edge of this small scan, where the grid reads -1024 HU beyond the last voxel centres:
+    # the outermost voxel layer is left out
+    inner = np.zeros(hu.shape, bool)
+    inner[1:-1, 1:-1, 1:-1] = True
+    right, left = (chest.lungs == 1) & inner, (chest.lungs == 2) & inner
+    assert np.mean(label[right & ~chest.vessels] == 2) > 0.95
+    assert np.all(label[left] == 1)
+    lung = (chest.lungs > 0) & inner
+    low = hu < EMPHYSEMA_HU
+    assert np.mean((label == 2)[lung] == low[lung]) > 0.97
+    assert set(np.unique(label)) == {0, 1, 2}
+    with_lung, total, _ = _windows_with_lung(data, window, overlap)
+    assert out["dense_info"]["windows"] == with_lung
+    if window == 32:
+        assert with_lung < total  # some windows hold no lung, and are skipped
 
 
 def test_writer_files_share_the_input_geometry(inferred):

@@ -40,7 +40,7 @@ from drasclr_ext.distribution import (
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.fileio import sha256sum
 from drasclr_ext.networks import DrasCLRFeatures
-from drasclr_ext.networks.heads import DrasCLRSubtypeNet
+from drasclr_ext.networks.segmentation import DrasCLRSegNet
 from tests.bundle_utils import BUNDLES, PYTHON, run_bundle_cli, write_small_phantom
 from tests.conftest import SHARED_DIR, shared_path
 
@@ -240,7 +240,8 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
     assert sha256sum(bundle_dir / f"{EMPHYSEMA}.zip") == releases[EMPHYSEMA].sha256
     scans = write_small_phantom(tmp_path / "scans").parent
     out = tmp_path / "out"
-    # stride 64 (43 windows instead of 341) and no overview figure: this checks the download, not the maps
+    # 128^3 windows without overlap (a few large windows cost the fewest CPU seconds) and no overview figure: this
+    # checks the download, not the maps
     run_bundle_cli(
         [
             PYTHON,
@@ -255,8 +256,10 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
             str(scans),
             "--output_dir",
             str(out),
-            "--window_stride",
-            "64",
+            "--window",
+            "128",
+            "--overlap",
+            "0.0",
             "--overview",
             "False",
         ],
@@ -264,10 +267,11 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
     )
     report = json.loads((out / "small" / "report.json").read_text())
     assert report["model"]["weights_sha256"] == sha256sum(root / "models" / "model.pt")
+    assert (report["dense"]["window"], report["dense"]["overlap"]) == (128, 0.0)
     assert not (root / "eval").exists()
 
     # models/model.pt is there, so load() does not download. With model= it parses no config (weights_only=True)
-    net = load(name=EMPHYSEMA, bundle_dir=str(bundle_dir), model=DrasCLRSubtypeNet(), device="cpu", progress=False)
+    net = load(name=EMPHYSEMA, bundle_dir=str(bundle_dir), model=DrasCLRSegNet(), device="cpu", progress=False)
     shipped = torch.load(root / "models" / "model.pt", weights_only=True)
     assert set(net.state_dict()) == set(shipped)
     for key, value in shipped.items():

@@ -1,7 +1,9 @@
-"""The pieces of fine-tuning and evaluation: labelled datalists, label maps, scores, optimiser groups, exports."""
+"""The pieces of fine-tuning and evaluation: labelled datalists, label maps, training grids and their crops, scores,
+optimiser groups, the subject inferer, exports."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import nibabel as nib
@@ -10,16 +12,24 @@ import pytest
 import torch
 import yaml
 from ignite.engine import Engine
+from monai.bundle import ConfigParser
+from monai.data import DataLoader, MetaTensor
 
 from drasclr_ext.checkpoint import large_file_hash, record_large_file, sha256sum
-from drasclr_ext.data.labelled import LoadLabelMapd, labelled_subjects
-from drasclr_ext.engines.finetune import param_groups, prepare_window_batch
+from drasclr_ext.data.labelled import LabelledGridDataset, LoadLabelMapd, labelled_subjects
+from drasclr_ext.engines.finetune import SubjectDenseInferer, first_item, param_groups, prepare_subject_batch
 from drasclr_ext.errors import CheckpointError, DrasCLRError, InputImageError
 from drasclr_ext.handlers import WeightsExporter
 from drasclr_ext.metrics.emphysema import laa950_percent
 from drasclr_ext.metrics.subtype import SubtypeScores, roc_auc
-from drasclr_ext.networks.heads import DrasCLRSubtypeNet
+from drasclr_ext.networks.segmentation import DrasCLRSegNet
+from drasclr_ext.transforms.atlas_grid import location_channels
 from drasclr_ext.transforms.io import load_ct
+from drasclr_ext.transforms.registration import RegistrationResult
+from tests.bundle_utils import config
+from tests.synthetic_chest import make_chest
+
+SMALL_NET = {"rep_dim": 16, "moco_dim": 8, "num_experts": 2, "decoder_channels": (8, 8, 8, 8)}
 
 
 def _datalist(tmp_path, n: int = 20):
@@ -49,12 +59,12 @@ def test_a_datalist_entry_without_a_label_is_refused(tmp_path):
         labelled_subjects(path)
 
 
-def _scan_and_label(tmp_path, label_affine=None, label_values=(0, 1, 2)):
+def _scan_and_label(tmp_path, label_affine=None, label_values=(0, 1, 2), label_shape=None, label_dtype=np.uint8):
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
     hu = np.full((12, 10, 8), -1000, dtype=np.int16)
     hu[:, 5:] = 40  # air and soft tissue: a plausible CT
     nib.save(nib.Nifti1Image(hu, affine), tmp_path / "ct.nii.gz")
-    label = np.zeros(hu.shape, dtype=np.uint8)
+    label = np.zeros(label_shape or hu.shape, dtype=label_dtype)
     label[2:6, 2:6, 2:6] = label_values[1]
     label[6:9, 2:6, 2:6] = label_values[2]
     nib.save(nib.Nifti1Image(label, affine if label_affine is None else label_affine), tmp_path / "label.nii.gz")
@@ -62,19 +72,31 @@ def _scan_and_label(tmp_path, label_affine=None, label_values=(0, 1, 2)):
 
 
 def test_label_maps_load_on_the_image_grid(tmp_path):
-    data, label = _scan_and_label(tmp_path)
+    data, label = _scan_and_label(tmp_path, label_values=(0, 3, 4))
     out = LoadLabelMapd("label")(data)
     assert out["label"].dtype == torch.uint8
     np.testing.assert_array_equal(out["label"].numpy(), label)
     np.testing.assert_allclose(out["label"].affine.numpy(), np.diag([1.5, 1.5, 2.0, 1.0]))
 
 
-def test_label_maps_off_the_grid_or_with_unknown_labels_are_refused(tmp_path):
-    data, _ = _scan_and_label(tmp_path, label_affine=np.diag([1.0, 1.0, 1.0, 1.0]))
-    with pytest.raises(InputImageError, match="does not lie on the grid"):
-        LoadLabelMapd("label")(data)
-    data, _ = _scan_and_label(tmp_path, label_values=(0, 1, 7))
-    with pytest.raises(InputImageError, match="emphysema labels"):
+@pytest.mark.parametrize(
+    "case, kwargs, message",
+    [
+        ("other affine", {"label_affine": np.diag([1.0, 1.0, 1.0, 1.0])}, "does not lie on the grid"),
+        (
+            "shifted by 2 mm",
+            {"label_affine": np.array([[1.5, 0, 0, 2.0], [0, 1.5, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])},
+            "does not lie on the grid",
+        ),
+        ("other shape", {"label_shape": (12, 10, 9)}, "does not lie on the grid"),
+        ("value 7", {"label_values": (0, 1, 7)}, "emphysema labels"),
+        ("value 5", {"label_values": (0, 5, 2)}, "emphysema labels"),
+        ("value -1", {"label_values": (0, 1, -1), "label_dtype": np.int16}, "emphysema labels"),
+    ],
+)
+def test_label_maps_off_the_grid_or_with_unknown_labels_are_refused(tmp_path, case, kwargs, message):
+    data, _ = _scan_and_label(tmp_path, **kwargs)
+    with pytest.raises(InputImageError, match=message):
         LoadLabelMapd("label")(data)
 
 
@@ -128,21 +150,170 @@ def test_roc_auc_counts_ties_as_half():
 
 
 def test_param_groups_follow_freezing_and_the_encoder_scale():
-    net = DrasCLRSubtypeNet(rep_dim=16, moco_dim=8, num_experts=2, hidden=8)
+    net = DrasCLRSegNet(**SMALL_NET)
     groups = param_groups(net, 1e-3, 0.1)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in net.parameters())
-    frozen = DrasCLRSubtypeNet(rep_dim=16, moco_dim=8, num_experts=2, hidden=8, freeze_encoder=True)
-    (head,) = param_groups(frozen, 1e-3, 0.1)
-    assert sum(p.numel() for p in head["params"]) == sum(p.numel() for p in frozen.head.parameters())
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    encoder = {id(p) for n, p in net.named_parameters() if n.startswith("encoder.") and p.requires_grad}
+    assert {id(p) for p in groups[1]["params"]} == encoder
+    assert not any(id(p) in trainable for p in net.encoder.fc.parameters())  # the projection is never trained
+    assert len(param_groups(net, 1e-3, 0.0)) == 1
+    frozen = DrasCLRSegNet(**SMALL_NET, freeze_encoder=True)
+    (decoder,) = param_groups(frozen, 1e-3, 0.1)
+    expected = sum(p.numel() for n, p in frozen.named_parameters() if not n.startswith("encoder."))
+    assert sum(p.numel() for p in decoder["params"]) == expected > 0
 
 
-def test_window_batches_call_the_network_with_their_locations():
-    net = DrasCLRSubtypeNet(rep_dim=16, moco_dim=8, num_experts=2, hidden=8).eval()
-    batch = {"image": torch.rand(2, 1, 32, 32, 32), "location": torch.rand(2, 3), "label": torch.rand(2, 4)}
-    x, y, args, kwargs = prepare_window_batch(batch, "cpu")
-    assert y is batch["label"] and kwargs == {}
-    torch.testing.assert_close(net(x, *args), net(batch["image"], batch["location"]))
+def test_subject_batches_pass_the_whole_dict_and_its_label():
+    batch = {"image": torch.zeros(3, 3, 3), "label": torch.ones(3, 3, 3), "subject": "a"}
+    data, label = prepare_subject_batch(batch, "cpu")
+    assert data is batch and label is batch["label"]
+    assert first_item([batch]) is batch
+    with pytest.raises(ValueError, match="batch_size 1"):
+        first_item([batch, batch])
+
+
+def test_the_subject_inferer_maps_a_subject_in_eval_mode_and_restores_training():
+    chest = make_chest(spacing=(3.0, 3.0, 3.0), fov_mm=(120.0, 90.0, 60.0))
+    affine = torch.from_numpy(chest.affine)
+    data = {
+        "image": MetaTensor(torch.from_numpy(chest.hu)[None], affine=affine),
+        "lung_mask": MetaTensor(torch.from_numpy(chest.lungs)[None], affine=affine),
+        "registration": RegistrationResult(np.eye(4)),
+    }
+    torch.manual_seed(0)
+    net = DrasCLRSegNet(**SMALL_NET).train()
+    statistics = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    out = SubjectDenseInferer(window=64, overlap=0.0)(data, net)
+    assert net.training  # the engine's mode is restored
+    for key, value in net.state_dict().items():  # and inference ran in eval mode: no BatchNorm update
+        if "running" in key:
+            assert torch.equal(value, statistics[key]), key
+    label = out["subtype_label"].numpy()[0]
+    assert label.shape == chest.hu.shape
+    np.testing.assert_array_equal(label > 0, chest.lungs > 0)
+    assert out["dense_info"]["windows"] >= 1
+
+
+# ---------------------------------------------------------------------------------------- training grids
+
+
+def _labelled_chest(folder, seed=0):
+    """A coarse synthetic chest (4 mm, the lungs inside the field of view) with emphysema labels: CLE in the right
+    upper lung, PLE in the left lower lung, a tiny PSE spot; the lung mask is the labelled voxels."""
+    chest = make_chest(spacing=(4.0, 4.0, 4.0), fov_mm=(296.0, 200.0, 256.0), seed=seed)
+    assert not chest.lungs[[0, -1]].any() and not chest.lungs[:, [0, -1]].any() and not chest.lungs[..., [0, -1]].any()
+    z = np.arange(chest.hu.shape[2])[None, None, :]
+    label = np.where(chest.lungs > 0, 1, 0).astype(np.uint8)
+    label[(chest.lungs == 1) & (z >= 36)] = 2
+    label[(chest.lungs == 2) & (z < 22)] = 4
+    spot = np.argwhere(chest.lungs == 2)[len(np.argwhere(chest.lungs == 2)) // 2]
+    label[spot[0] : spot[0] + 2, spot[1] : spot[1] + 2, spot[2] : spot[2] + 2] = 3
+    label[chest.lungs == 0] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(chest.hu.astype(np.int16), chest.affine), folder / f"chest{seed}.nii.gz")
+    nib.save(nib.Nifti1Image(label, chest.affine), folder / f"chest{seed}_label.nii.gz")
+    entry = {"image": str(folder / f"chest{seed}.nii.gz"), "label": str(folder / f"chest{seed}_label.nii.gz")}
+    return {**entry, "subject": f"chest{seed}"}, label, chest.affine
+
+
+class Preprocessing:
+    """The bundle's preprocessing without the lung mask model and the registration: labels read and checked, the
+    lung mask is the labelled voxels, the atlas map the identity. Counts its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, d):
+        self.calls.append(d["subject"])
+        d = LoadLabelMapd("label")({**d, "image": load_ct(d["image"])})
+        d["lung_mask"] = MetaTensor((d["label"].as_tensor() > 0).to(torch.uint8)[None], affine=d["label"].affine)
+        d["registration"] = RegistrationResult(np.eye(4))
+        return d
+
+
+@pytest.fixture(scope="module")
+def training_grids(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grids")
+    subject, label, affine = _labelled_chest(root / "data")
+    broken = {"image": str(root / "data" / "broken.nii.gz"), "label": subject["label"], "subject": "broken"}
+    (root / "data" / "broken.nii.gz").write_bytes(b"\x1f\x8b not a scan")
+    preprocessing = Preprocessing()
+    dataset = LabelledGridDataset(
+        [subject, broken], preprocessing, root / "cache", window=32, repeats=3, progress=False
+    )
+    return {"root": root, "dataset": dataset, "label": label, "affine": affine, "subject": subject, "broken": broken}
+
+
+def test_training_grids_hold_the_labels_on_the_1mm_atlas_grid(training_grids):
+    dataset, label = training_grids["dataset"], training_grids["label"]
+    assert len(dataset) == 3 and dataset.subjects == ["chest0"]  # one subject, three times per epoch
+    item = dataset[0]
+    image, grid_label = item["image"], item["label"]
+    assert isinstance(image, MetaTensor) and image.dtype == torch.float32 and image.shape[0] == 1
+    assert grid_label.dtype == torch.uint8 and grid_label.shape == image.shape and min(image.shape[1:]) >= 32
+    np.testing.assert_allclose(np.linalg.norm(image.affine.numpy()[:3, :3], axis=0), 1.0)  # 1 mm voxels
+    assert float(image.min()) >= -1.0 and float(image.max()) <= 1.0  # windowed CT
+    # each class keeps its volume: 64 mm^3 per input voxel, 1 mm^3 per grid voxel
+    grid_counts = np.bincount(grid_label.numpy().ravel(), minlength=5)[1:]
+    input_counts = np.bincount(label.ravel(), minlength=5)[1:] * 64.0
+    np.testing.assert_allclose(grid_counts, input_counts, rtol=0.02)
+    # grid voxels take the label of the input voxel they fall in
+    world = np.argwhere(grid_label.numpy()[0] == 2)[::97]
+    world = world @ image.affine.numpy()[:3, :3].T + image.affine.numpy()[:3, 3]
+    voxel = np.rint((world - training_grids["affine"][:3, 3]) @ np.linalg.inv(training_grids["affine"][:3, :3]).T)
+    assert np.mean(label[tuple(voxel.astype(int).T)] == 2) > 0.95
+    for c in range(5):  # the class-balanced sampler's indices point at voxels of their class
+        indices = np.asarray(item["label_cls_indices"][c])
+        assert len(indices) == min((grid_label.numpy() == c).sum(), 100_000)  # max_samples_per_class
+        assert np.all(grid_label.numpy().ravel()[indices] == c)
+    balance = dataset.class_balance()
+    assert list(balance) == ["normal", "centrilobular", "paraseptal", "panlobular"]
+    np.testing.assert_allclose(list(balance.values()), grid_counts / grid_counts.sum())
+
+
+def test_training_grids_are_cached_and_a_broken_scan_is_listed(training_grids):
+    root = training_grids["root"]
+    with open(root / "cache" / "failures.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["subject"] for r in rows] == ["broken"] and rows[0]["error"] == "InputImageError"
+    assert len(list((root / "cache").glob("chest0_*/done.json"))) == 1
+    again = Preprocessing()
+    cached = LabelledGridDataset([training_grids["subject"]], again, root / "cache", window=32, progress=False)
+    assert again.calls == []  # read back from the cache
+    first, second = training_grids["dataset"][0], cached[0]
+    assert torch.equal(first["image"], second["image"]) and torch.equal(first["label"], second["label"])
+    np.testing.assert_array_equal(first["world_to_atlas"], second["world_to_atlas"])
+    with pytest.raises(DrasCLRError, match="none of the 1 training subjects"):
+        LabelledGridDataset([training_grids["broken"]], again, root / "cache2", window=32, progress=False)
+
+
+def test_train_json_crops_are_windows_with_location_channels_centred_in_the_lung(training_grids):
+    parser = ConfigParser()
+    parser.read_config(config("drasclr_emphysema_subtype", "train.json")[0])
+    parser["window"], parser["crops_per_subject"] = 32, 8
+    transform = parser.get_parsed_content("train#dataset#transform")
+    transform.set_random_state(1)
+    dataset = training_grids["dataset"]
+    dataset.transform = transform
+    try:
+        crops = dataset[0]
+        batch = next(iter(DataLoader(dataset, batch_size=2, shuffle=False)))
+    finally:
+        dataset.transform = None
+    assert len(crops) == 8 and all(set(c) == {"image", "label"} for c in crops)
+    centres = set()
+    for crop in crops:
+        assert crop["image"].shape == (4, 32, 32, 32) and crop["label"].shape == (1, 32, 32, 32)
+        centres.add(int(crop["label"][0, 16, 16, 16]))
+    assert 0 not in centres and len(centres) >= 3  # class-balanced: centred on lung voxels of several classes
+    assert batch["image"].shape == (16, 4, 32, 32, 32) and batch["label"].shape == (16, 1, 32, 32, 32)
+    item = dataset[0]
+    world_to_atlas, scale = item["world_to_atlas"], item["location_scale"]
+    for crop in crops:  # the location channels are those of the crop's place (after the random affine)
+        expected = location_channels(crop["image"].affine.numpy(), (32, 32, 32), world_to_atlas, scale)
+        np.testing.assert_allclose(crop["image"][1:].numpy(), expected, atol=1e-4)
 
 
 def test_exported_weights_update_the_bundle_listing(tmp_path):

@@ -79,6 +79,14 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
     bundle = root / NAME
     shutil.copytree(bundle_dir(NAME), bundle, ignore=shutil.ignore_patterns("eval"))
+    # short runs: training on 1 subject x 2 crops of 32^3 per iteration, inference on 128^3 windows (a few large
+    # windows cost the fewest CPU seconds per voxel)
+    for name, settings in (
+        ("train", {"window": 32, "crops_per_subject": 2, "subject_repeats": 1}),
+        ("inference", {"window": 128}),
+    ):
+        path = bundle / "configs" / f"{name}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=4))
     studies = root / "studies"
     write_small_phantom(studies, seed=11, name="chest_a")
     write_small_phantom(studies, seed=12, name="chest_b")
@@ -131,7 +139,7 @@ def test_infer_returns_the_label_map_in_the_input_geometry_and_the_report(server
     response = server["session"].post(
         f"{server['url']}/infer/{NAME}",
         params={"image": "chest_a"},
-        data={"params": json.dumps({"window_stride": 32})},
+        data={"params": json.dumps({"overlap": 0.0, "sw_batch_size": 1})},
         timeout=INFER_TIMEOUT_S,
     )
     assert response.status_code == 200, response.text[:2000]
@@ -159,7 +167,7 @@ def test_infer_returns_the_label_map_in_the_input_geometry_and_the_report(server
     fractions = report["subtype_fractions"]
     for value, name in enumerate(("normal", "centrilobular", "paraseptal", "panlobular"), start=1):
         assert fractions[name] == pytest.approx((label == value).sum() / lung.sum())
-    assert report["dense"]["stride"] == 32
+    assert (report["dense"]["window"], report["dense"]["overlap"]) == (128, 0.0)
     assert report["model"]["weights_sha256"] == sha256sum(server["bundle"] / "models" / "model.pt")
     assert result["label_names"] == {"normal": 1, "centrilobular": 2, "paraseptal": 3, "panlobular": 4}
 
@@ -169,7 +177,7 @@ def test_infer_errors_come_back_with_our_message(server):
     broken = session.post(f"{url}/infer/{NAME}", params={"image": "broken"}, timeout=INFER_TIMEOUT_S)
     assert broken.status_code == 422 and "InputImageError: could not read" in broken.json()["detail"]
     bad = session.post(
-        f"{url}/infer/{NAME}", params={"image": "chest_a"}, data={"params": '{"decision": "majority"}'}, timeout=60
+        f"{url}/infer/{NAME}", params={"image": "chest_a"}, data={"params": '{"overlap": 1.5}'}, timeout=60
     )
     assert bad.status_code == 422 and "LabelRequestError" in bad.json()["detail"]
 
@@ -178,7 +186,7 @@ def test_train_fine_tunes_from_the_final_label_and_rewrites_the_weights(server):
     session, url = server["session"], server["url"]
     model = server["bundle"] / "models" / "model.pt"
     before = model.read_bytes()
-    params = {"max_epochs": 1, "epoch_length": 1, "val_split": 0, "batch_size": 8}
+    params = {"max_epochs": 1, "epoch_length": 1, "val_split": 0, "batch_size": 1}
     response = session.post(f"{url}/train/{NAME}", json=params, timeout=30)
     assert response.status_code == 200, response.text[:2000]
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
@@ -224,12 +232,22 @@ def test_bad_requests_and_the_validation_split():
     from drasclr_ext.monailabel.errors import LabelRequestError
     from drasclr_ext.monailabel.train import split_datalist
 
-    assert check_infer_overrides({"window_stride": "32", "decision": ["argmax", "attenuation"]}) == {
-        "window_stride": 32,
-        "decision": "argmax",
+    assert check_infer_overrides({"overlap": "0.5", "sw_batch_size": "3", "autocast": ["true", "false"]}) == {
+        "overlap": 0.5,
+        "sw_batch_size": 3,
+        "autocast": True,
     }
-    for bad in ({"window_stride": 0}, {"decision": "majority"}, {"min_probability": 2}, {"batch_size": "x"}):
-        with pytest.raises(LabelRequestError):
+    assert check_infer_overrides({"autocast": False, "other": 1}) == {"autocast": False}
+    assert check_infer_overrides({"autocast": "0"}) == {"autocast": False}
+    for bad in (
+        {"overlap": 1.0},
+        {"overlap": -0.1},
+        {"overlap": "half"},
+        {"sw_batch_size": 0},
+        {"sw_batch_size": "x"},
+        {"autocast": "maybe"},
+    ):
+        with pytest.raises(LabelRequestError, match="bad inference parameter"):
             check_infer_overrides(bad)
     pairs = [{"image": f"/s/{c}.nii.gz", "label": f"/s/labels/final/{c}.nii.gz"} for c in "dcba"]
     train, val = split_datalist(pairs, 0.25)

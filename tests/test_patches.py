@@ -1,4 +1,5 @@
-"""HU window, landmark patches and dense windows on small synthetic volumes."""
+"""HU window, landmark patches and the dense model's atlas grid with its location channels on small synthetic
+volumes."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import SpatialCropd
 from scipy import ndimage
 
-from drasclr_ext.atlas import Atlas, box_counts, build_landmarks, normalise_corners
+from drasclr_ext.atlas import Atlas, build_landmarks, normalise_corners
+from drasclr_ext.errors import InputImageError
+from drasclr_ext.transforms.atlas_grid import AtlasGrid, AtlasLocationd, atlas_grid, location_channels, location_scale
 from drasclr_ext.transforms.patches import (
     AnatomicalPatches,
     AnatomicalPatchesd,
-    DenseWindows,
     HUWindow,
     HUWindowd,
-    _windows_with_lung,
-    dense_windows,
     hu_window,
     mask_bounding_box,
     resample_affine,
@@ -84,36 +85,120 @@ def test_locations_and_neighbours_are_the_atlas_ones(atlas):
     np.testing.assert_array_equal(out["neighbours"], atlas.neighbours(3))
 
 
+def _atlas_map(offset=(3.0, -2.0, 5.0), angle=0.0) -> RegistrationResult:
+    """A subject -> atlas world map: a rotation about z by ``angle`` then a shift."""
+    matrix = np.eye(4)
+    c, s = np.cos(angle), np.sin(angle)
+    matrix[:3, :3] = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]
+    matrix[:3, 3] = offset
+    return RegistrationResult(matrix)
+
+
 @pytest.fixture(scope="module")
-def dense(atlas):
-    """Dense windows of the atlas itself seen as a subject (identity registration)."""
+def grid(atlas) -> AtlasGrid:
+    """The atlas grid of the atlas itself seen as a subject (identity registration)."""
     hu = np.where(atlas.mask > 0, -850.0, 40.0).astype(np.float32)
     image = MetaTensor(torch.from_numpy(hu), affine=torch.from_numpy(atlas.affine))
     lung = MetaTensor(torch.from_numpy(atlas.mask), affine=torch.from_numpy(atlas.affine))
-    return DenseWindows(atlas, window=32, stride=16)(image, lung, _shifted([0, 0, 0]))
+    return atlas_grid(image, lung, _shifted([0, 0, 0]), atlas, margin=4, min_size=32)
 
 
-def test_dense_windows_cover_every_lung_voxel(atlas, dense):
-    covered = np.zeros(dense.grid_shape, bool)
-    for x, y, z in dense.origins:
-        covered[x : x + 32, y : y + 32, z : z + 32] = True
-    assert dense.lung.sum() == atlas.mask.sum()  # the grid holds the whole lung
-    assert np.all(covered[dense.lung > 0])
-    assert np.all(np.array(dense.grid_shape) - 32 >= dense.origins.max(0))
-    assert np.all((dense.origins % 16) == 0)
+def test_atlas_grid_holds_the_whole_lung_with_its_margin(atlas, grid):
+    assert grid.lung.sum() == atlas.mask.sum()  # 1 mm voxels along the atlas axes: the lung is copied exactly
+    np.testing.assert_array_equal(grid.affine[:3, :3], np.diag([-1.0, 1.0, 1.0]))
+    lo, hi = mask_bounding_box(grid.lung)
+    # margin 4 mm around the lung's voxel boxes, rounded outwards to whole grid voxels
+    assert np.all((lo >= 4) & (lo <= 5)) and np.all((np.array(grid.shape) - hi >= 4) & (np.array(grid.shape) - hi <= 5))
+    # image and lung on the grid are the atlas voxels they sit on
+    voxel = np.rint(apply_affine(np.linalg.inv(atlas.affine) @ grid.affine, np.argwhere(grid.lung > 0))).astype(int)
+    assert np.all(atlas.mask[tuple(voxel.T)] > 0)
+    np.testing.assert_allclose(grid.image[grid.lung > 0], hu_window(np.float32(-850.0)))
+    np.testing.assert_allclose(grid.world_to_atlas, np.linalg.inv(atlas.affine))
 
 
-def test_dense_window_locations_normalise_like_landmarks(atlas, dense):
-    corners = apply_affine(np.linalg.inv(atlas.affine) @ dense.grid_affine, dense.origins)
-    np.testing.assert_allclose(dense.locations, normalise_corners(corners, atlas.corners), atol=1e-5)
+def test_atlas_grid_is_at_least_min_size_and_centres_the_lung(atlas):
+    mask = np.zeros((30, 30, 30), np.uint8)
+    mask[10:14, 12:20, 5:25] = 1  # 4 x 8 x 20 mm of lung
+    grid = atlas_grid(
+        mask.astype(np.float32) * -900.0, mask, _shifted([0, 0, 0]), atlas, margin=2, min_size=32, affine=np.eye(4)
+    )
+    assert grid.shape == (32, 32, 32)
+    lo, hi = mask_bounding_box(grid.lung)
+    assert np.all(np.abs(lo - (32 - hi)) <= 1)  # the enlargement is split evenly on both sides
+    with pytest.raises(InputImageError, match="empty"):
+        atlas_grid(
+            np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8), _shifted([0, 0, 0]), atlas, affine=np.eye(4)
+        )
+    with pytest.raises(InputImageError, match="differs"):
+        atlas_grid(np.zeros((8, 8, 8), np.float32), mask, _shifted([0, 0, 0]), atlas, affine=np.eye(4))
 
 
-def test_dense_blend_of_windows_restores_the_grid(dense):
-    restored = dense.blend(dense.windows())[0]
-    inside = np.zeros(dense.grid_shape, bool)
-    for x, y, z in dense.origins:
-        inside[x : x + 32, y : y + 32, z : z + 32] = True
-    np.testing.assert_allclose(restored[inside], dense.grid[inside], atol=1e-6)
+def test_location_channels_average_to_the_normalised_corner_of_each_window_centre(atlas):
+    """For any window, the mean of the location channels is the location the encoder is conditioned on: the
+    normalised corner of the 32^3 atlas patch centred at the window centre (as for the landmark patches)."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, 1.0, 1.0]) @ np.array([[0.9, 0.1, 0.0], [0.0, 1.0, 0.05], [0.0, 0.0, 1.1]])
+    affine[:3, 3] = [40.0, -30.0, -35.0]
+    registration = _atlas_map((4.0, -3.0, 2.0), angle=0.2)
+    world_to_atlas = np.linalg.inv(atlas.affine) @ registration.subject_to_atlas
+    shape = (70, 66, 80)
+    loc = location_channels(affine, shape, world_to_atlas, location_scale(atlas))
+    assert loc.shape == (3, *shape) and loc.dtype == np.float32
+    rng = np.random.default_rng(0)
+    for size in (32, 64, 17):
+        for _ in range(4):
+            start = rng.integers(0, np.array(shape) - size + 1)
+            window = loc[(slice(None), *(slice(s, s + size) for s in start))]
+            centre_world = apply_affine(affine, start + (size - 1) / 2.0)
+            corner = apply_affine(world_to_atlas, centre_world) - (atlas.patch_size - 1) / 2.0
+            expected = normalise_corners(corner[None], atlas.corners)[0]
+            np.testing.assert_allclose(window.reshape(3, -1).mean(1), expected, atol=2e-5)
+    # a single voxel's location is that of the patch centred on it
+    corner = apply_affine(world_to_atlas, apply_affine(affine, np.array([5.0, 6.0, 7.0]))) - 15.5
+    np.testing.assert_allclose(loc[:, 5, 6, 7], normalise_corners(corner[None], atlas.corners)[0], atol=1e-5)
+
+
+def test_grid_locations_are_the_landmark_locations_at_the_landmarks(atlas, grid):
+    """On the atlas's own grid, the voxel at the centre of landmark patch k has landmark k's location."""
+    loc = grid.locations()
+    world_to_grid = np.linalg.inv(grid.affine)
+    checked = 0
+    for k in range(len(atlas.corners)):
+        centre = apply_affine(world_to_grid, apply_affine(atlas.affine, atlas.corners[k] + 15.5))
+        if not np.all((centre >= 0) & (centre < np.array(grid.shape) - 1)):
+            continue  # a landmark patch centred outside the grid
+        lo = np.floor(centre).astype(int)
+        window = loc[:, lo[0] : lo[0] + 2, lo[1] : lo[1] + 2, lo[2] : lo[2] + 2]  # the 2^3 voxels around it
+        np.testing.assert_allclose(window.reshape(3, -1).mean(1), atlas.locations[k], atol=1e-5)
+        checked += 1
+    assert checked >= len(atlas.corners) // 2
+
+
+def test_atlas_location_channels_of_a_crop_are_the_full_grid_channels_there(atlas):
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, 1.0, 1.0])
+    affine[:3, 3] = [60.0, -20.0, -40.0]
+    world_to_atlas = np.linalg.inv(atlas.affine) @ _atlas_map(angle=-0.1).subject_to_atlas
+    scale = location_scale(atlas)
+    image = MetaTensor(torch.rand(1, 48, 40, 56), affine=torch.from_numpy(affine))
+    full = location_channels(affine, (48, 40, 56), world_to_atlas, scale)
+    data = {"image": image, "world_to_atlas": world_to_atlas, "location_scale": scale}
+    out = AtlasLocationd("image")(data)["image"]
+    assert isinstance(out, MetaTensor) and out.shape == (4, 48, 40, 56)
+    np.testing.assert_array_equal(out[0].numpy(), image[0].numpy())
+    np.testing.assert_allclose(out[1:].numpy(), full, atol=1e-6)
+    np.testing.assert_allclose(out.affine.numpy(), affine)
+    crop = SpatialCropd("image", roi_start=(5, 12, 20), roi_end=(37, 36, 52))(data)
+    cropped = AtlasLocationd("image")(crop)["image"]
+    assert cropped.shape == (4, 32, 24, 32)
+    np.testing.assert_allclose(cropped[1:].numpy(), full[:, 5:37, 12:36, 20:52], atol=1e-5)
+    with pytest.raises(InputImageError, match="MetaTensor"):
+        AtlasLocationd("image")({**data, "image": torch.rand(1, 4, 4, 4)})
+
+
+def test_location_scale_normalises_like_the_landmarks(atlas):
+    scale = location_scale(atlas)
+    np.testing.assert_allclose(atlas.corners * scale - 1.0, normalise_corners(atlas.corners), atol=1e-6)
 
 
 def _scipy_resample(volume, matrix, offset, shape, order, cval):
@@ -162,35 +247,19 @@ def test_mask_bounding_box():
     assert lo.tolist() == [2, 3, 1] and hi.tolist() == [5, 5, 9]
 
 
-@pytest.mark.parametrize("stride, window", [(4, 8), (4, 12), (8, 8), (4, 6)])
-def test_windows_with_lung_equals_the_summed_volume_table(stride, window):
-    rng = np.random.default_rng(window)
-    counts = np.array([5, 4, 3])
-    shape = tuple((counts - 1) * stride + window)
-    lung = np.zeros(shape, np.uint8)
-    lung[tuple(rng.integers(0, shape, (3, 3)).T)] = 1  # three lung voxels
-    starts = [np.arange(c) * stride for c in counts]
-    origins = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int64)
-    expected = box_counts(lung, origins, window) > 0
-    assert expected.any() and not expected.all()
-    for array in (lung, np.asfortranarray(lung)):
-        np.testing.assert_array_equal(_windows_with_lung(array, origins, window, stride), expected)
-
-
-def test_dense_windows_do_not_depend_on_the_memory_order(atlas):
+def test_atlas_grid_does_not_depend_on_the_memory_order(atlas):
     affine = np.diag([-0.8, -0.9, 1.5, 1.0])
     affine[:3, 3] = [70.0, 60.0, -70.0]
     ijk = np.indices((180, 140, 100), dtype=np.float64)
     hu = (3.0 * ijk[0] - 2.0 * ijk[1] + ijk[2] - 900.0).astype(np.float32)
     lung = np.zeros(hu.shape, np.uint8)
     lung[30:150, 20:120, 10:90] = 1
-    results = [
-        dense_windows(order(hu), order(lung), _shifted([3, -2, 5]), atlas, affine=affine)
+    c, f = (
+        atlas_grid(order(hu), order(lung), _shifted([3, -2, 5]), atlas, affine=affine)
         for order in (np.ascontiguousarray, np.asfortranarray)
-    ]
-    c, f = results
-    np.testing.assert_array_equal(c.origins, f.origins)
+    )
+    assert c.shape == f.shape
     np.testing.assert_array_equal(c.lung, f.lung)
-    np.testing.assert_allclose(c.grid, f.grid, atol=1e-6)
-    np.testing.assert_allclose(c.locations, f.locations)
-    assert f.grid.flags.f_contiguous and c.grid.flags.c_contiguous
+    np.testing.assert_allclose(c.image, f.image, atol=1e-6)
+    np.testing.assert_array_equal(c.affine, f.affine)
+    assert f.image.flags.f_contiguous and c.image.flags.c_contiguous

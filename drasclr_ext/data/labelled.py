@@ -9,8 +9,8 @@ A labelled datalist is a MONAI datalist JSON whose entries hold ``image`` (a CT 
 - :class:`LoadLabelMapd` reads the label map and checks it lies on the image's grid.
 - :class:`PreprocessedSubjects` runs the bundle's preprocessing once per subject and keeps the results (for
   validation and evaluation); a subject that fails is logged, listed in ``failures``, and left out.
-- :class:`LabelledWindowDataset` cuts each training subject's dense windows with their targets (the class
-  fractions of the window's lung voxels) once, caches them on disk (resumable), and serves single windows.
+- :class:`LabelledGridDataset` resamples each training subject and its labels onto the 1 mm atlas grid once,
+  caches them on disk (resumable), and serves them to the random class-balanced crops of ``train.json``.
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from drasclr_ext.atlas import box_counts
+from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
-from drasclr_ext.inference.dense import window_targets
+from drasclr_ext.inference.dense import resample_to_grid
 from drasclr_ext.inference.runner import failure_row, write_failures
+from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
+from drasclr_ext.transforms.atlas_grid import atlas_grid
 from drasclr_ext.transforms.io import subject_name
-from drasclr_ext.transforms.patches import DenseWindows
 from drasclr_ext.transforms.registration import _array_and_affine
 
-__all__ = ["LabelledWindowDataset", "LoadLabelMapd", "PreprocessedSubjects", "labelled_subjects"]
+__all__ = ["LabelledGridDataset", "LoadLabelMapd", "PreprocessedSubjects", "labelled_grid", "labelled_subjects"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def labelled_subjects(
@@ -164,7 +165,7 @@ class PreprocessedSubjects(Dataset):
 
 
 def _cache_key(subject: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """Identifies a subject's cached windows: its files (path, size, mtime) and the window settings."""
+    """Identifies a subject's cached grid: its files (path, size, mtime) and the grid settings."""
     facts: dict[str, Any] = {"version": CACHE_VERSION, **settings}
     for key in ("image", "label"):
         p = Path(subject[key])
@@ -173,24 +174,41 @@ def _cache_key(subject: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class LabelledWindowDataset(Dataset):
-    """Dense training windows of labelled subjects, one window per item.
+def labelled_grid(data: Mapping[str, Any], atlas: Any = "default", margin: int = 4, min_size: int = 64) -> dict:
+    """A preprocessed labelled subject on its 1 mm atlas grid: ``image`` (1, X, Y, Z) windowed CT and ``label``
+    (1, X, Y, Z) uint8 emphysema labels (nearest neighbour; 0 outside the grid's lung), both MetaTensors with the
+    grid's affine, plus ``world_to_atlas`` and ``location_scale`` for the location channels."""
+    grid = atlas_grid(data["image"], data["lung_mask"], data["registration"], atlas, margin, min_size=min_size)
+    label, affine = _array_and_affine(data["label"], None)
+    grid_label = resample_to_grid(np.asarray(label, np.uint8), affine, grid.affine, grid.shape)
+    grid_label[grid.lung == 0] = 0
+    return {
+        "image": MetaTensor(torch.from_numpy(grid.image[None]), affine=torch.as_tensor(grid.affine)),
+        "label": MetaTensor(torch.from_numpy(grid_label[None]), affine=torch.as_tensor(grid.affine)),
+        "world_to_atlas": grid.world_to_atlas,
+        "location_scale": grid.location_scale,
+    }
 
-    Each subject is preprocessed once (``preprocessing``: reading, label map, lung mask, registration), cut into
-    windows with :class:`~drasclr_ext.transforms.patches.DenseWindows` and given its targets (the class fractions of
-    the lung voxels of the label map in each window); windows whose lung share is below ``min_lung_fraction`` are
-    dropped. The windows (float16), locations and targets are written to ``cache_dir/<subject>_<key>/`` and reused
-    by later runs (memory-mapped). Items: ``{"image": (1, W, W, W), "location": (3,), "label": (C,)}``.
+
+class LabelledGridDataset(Dataset):
+    """Training subjects on their 1 mm atlas grids, for random windows (MONAI's ``RandCropByLabelClassesd``).
+
+    Each subject is preprocessed once (``preprocessing``: reading, label map, lung mask, registration) and
+    resampled with :func:`labelled_grid`; the grid (windowed CT as float16, labels) is written to
+    ``cache_dir/<subject>_<key>/`` and reused by later runs. The subjects stay in memory with the voxel indices of
+    each class (``label_cls_indices``, at most ``max_samples_per_class`` per class, MONAI's ``ClassesToIndicesd``),
+    so class-balanced crops cost no scan of the volume. Item ``i`` is subject ``i % n`` through ``transform`` (the
+    random crops and augmentation of ``train.json``); the length is ``n * repeats``.
 
     Args:
         subjects: entries ``{"image", "label", "subject"}`` (see :func:`labelled_subjects`).
         preprocessing: dict -> dict callable producing ``image``, ``label``, ``lung_mask`` and ``registration``.
-        cache_dir: where the windows are cached.
+        cache_dir: where the grids are cached.
         atlas: the registration's atlas (name or :class:`~drasclr_ext.atlas.Atlas`).
-        stride: window stride in mm (32: windows side by side).
-        window: window edge in mm.
-        min_lung_fraction: smallest share of lung voxels in a kept window.
-        transform: optional callable applied to each item dict.
+        window: the training window edge (grids are at least this large).
+        transform: callable applied to each subject dict (returns a dict or a list of crops).
+        repeats: items per subject and epoch.
+        max_samples_per_class: voxel indices kept per class for sampling.
         progress: show a progress bar.
     """
 
@@ -200,74 +218,67 @@ class LabelledWindowDataset(Dataset):
         preprocessing: Callable[[dict], dict],
         cache_dir: PathLike,
         atlas: Any = "default",
-        stride: int = 32,
-        window: int = 32,
-        min_lung_fraction: float = 0.1,
-        transform: Optional[Callable[[dict], dict]] = None,
+        window: int = 64,
+        transform: Optional[Callable[[dict], Any]] = None,
+        repeats: int = 1,
+        max_samples_per_class: int = 100_000,
         progress: bool = True,
     ) -> None:
+        from monai.transforms import ClassesToIndicesd
+
         self.cache_dir = Path(cache_dir)
         self.preprocessing = preprocessing
-        self.windows = DenseWindows(atlas, window=window, stride=stride)
-        self.min_lung_fraction = float(min_lung_fraction)
+        self.atlas = load_atlas(atlas) if isinstance(atlas, str) else atlas
+        self.window = int(window)
         self.transform = transform
-        self.settings = {
-            "atlas": getattr(self.windows.atlas, "name", str(atlas)),
-            "stride": int(stride),
-            "window": int(window),
-            "min_lung_fraction": self.min_lung_fraction,
-        }
-        parts, self.failures = _run_subjects(subjects, self._subject_windows, "training windows", progress)
+        self.repeats = max(1, int(repeats))
+        self.settings = {"atlas": getattr(self.atlas, "name", str(atlas)), "window": self.window}
+        self._indices = ClassesToIndicesd("label", num_classes=5, max_samples_per_class=int(max_samples_per_class))
+        self.items, self.failures = _run_subjects(subjects, self._subject_grid, "training grids", progress)
         if self.failures:
             write_failures(self.cache_dir / "failures.csv", self.failures)
-        if not parts:
+        if not self.items:
             raise DrasCLRError(
-                f"none of the {len(subjects)} training subjects gave windows (see {self.cache_dir / 'failures.csv'}); "
-                "check the datalist's image and label paths"
+                f"none of the {len(subjects)} training subjects could be prepared (see "
+                f"{self.cache_dir / 'failures.csv'}); check the datalist's image and label paths"
             )
-        self.subjects = [p["subject"] for p in parts]
-        self._windows = [p["windows"] for p in parts]
-        self.locations = np.concatenate([p["locations"] for p in parts]).astype(np.float32)
-        self.targets = np.concatenate([p["targets"] for p in parts]).astype(np.float32)
-        self.subject_index = np.concatenate([np.full(len(p["targets"]), i) for i, p in enumerate(parts)])
-        self.row = np.concatenate([np.arange(len(p["targets"])) for p in parts])
+        self.subjects = [item["subject"] for item in self.items]
 
-    def _subject_windows(self, subject: Mapping[str, Any]) -> dict[str, Any]:
+    def _subject_grid(self, subject: Mapping[str, Any]) -> dict[str, Any]:
         folder = self.cache_dir / f"{subject['subject']}_{_cache_key(subject, self.settings)}"
         if not (folder / "done.json").is_file():
-            d = self.preprocessing(dict(subject))
-            windows = self.windows(d["image"], d["lung_mask"], d["registration"])
-            label, affine = _array_and_affine(d["label"], None)
-            targets = window_targets(label, affine, windows)
-            w = windows.window
-            lung_share = box_counts(windows.lung > 0, windows.origins, w) / float(w**3)
-            keep = np.flatnonzero((lung_share >= self.min_lung_fraction) & (targets.sum(1) > 0))
-            atomic_save_npy(folder / "windows.npy", windows.windows(keep).astype(np.float16))
-            atomic_save_npy(folder / "locations.npy", windows.locations[keep])
-            atomic_save_npy(folder / "targets.npy", targets[keep])
-            atomic_write_json(folder / "done.json", {"subject": subject["subject"], "windows": int(len(keep))})
-        return {
+            g = labelled_grid(self.preprocessing(dict(subject)), self.atlas, min_size=self.window)
+            atomic_save_npy(folder / "image.npy", g["image"].numpy()[0].astype(np.float16))
+            atomic_save_npy(folder / "label.npy", g["label"].numpy()[0])
+            grid = {k: np.asarray(g[k]).tolist() for k in ("world_to_atlas", "location_scale")}
+            grid["affine"] = g["image"].affine.tolist()
+            atomic_write_json(folder / "grid.json", grid)
+            atomic_write_json(folder / "done.json", {"subject": subject["subject"], "shape": list(g["image"].shape)})
+        grid = json.loads((folder / "grid.json").read_text())
+        affine = torch.as_tensor(grid["affine"], dtype=torch.float64)
+        label = np.load(folder / "label.npy")
+        if not np.any(label > 0):
+            raise InputImageError(f"{subject['label']}: no labelled lung voxel on the atlas grid")
+        item = {
             "subject": subject["subject"],
-            "windows": np.load(folder / "windows.npy", mmap_mode="r"),
-            "locations": np.load(folder / "locations.npy"),
-            "targets": np.load(folder / "targets.npy"),
+            "image": MetaTensor(torch.from_numpy(np.load(folder / "image.npy"))[None], affine=affine),
+            "label": MetaTensor(torch.from_numpy(label)[None], affine=affine),
+            "world_to_atlas": np.asarray(grid["world_to_atlas"]),
+            "location_scale": np.asarray(grid["location_scale"]),
         }
+        return self._indices(item)
 
     def class_balance(self) -> dict[str, float]:
-        """Mean target of each class over all windows (the share of each class among the lung voxels seen)."""
-        from drasclr_ext.networks.heads import SUBTYPE_CLASSES
-
-        mean = self.targets.mean(0) if len(self.targets) else np.zeros(len(SUBTYPE_CLASSES))
-        return {c: float(v) for c, v in zip(SUBTYPE_CLASSES, mean)}
+        """Share of each class among the lung voxels of all training grids."""
+        counts = np.zeros(len(SUBTYPE_CLASSES))
+        for item in self.items:
+            counts += np.bincount(item["label"].numpy().ravel(), minlength=5)[1:5]
+        return {c: float(v) for c, v in zip(SUBTYPE_CLASSES, counts / max(counts.sum(), 1))}
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.items) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s, r = int(self.subject_index[index]), int(self.row[index])
-        item = {
-            "image": torch.from_numpy(np.asarray(self._windows[s][r], dtype=np.float32))[None],
-            "location": torch.from_numpy(self.locations[index]),
-            "label": torch.from_numpy(self.targets[index]),
-        }
+    def __getitem__(self, index: int) -> Any:
+        item = dict(self.items[index % len(self.items)])
+        item["image"] = item["image"].float()  # float16 in memory, float32 for the transforms
         return self.transform(item) if self.transform is not None else item

@@ -1,6 +1,7 @@
 """Pieces of the emphysema bundle's fine-tuning and evaluation workflows (``train.json``, ``evaluate.json``).
 
-Training runs MONAI's ``SupervisedTrainer`` on single dense windows (:func:`prepare_window_batch`); validation and
+Training runs MONAI's ``SupervisedTrainer`` on random class-balanced windows of the subjects' atlas grids
+(:class:`~drasclr_ext.data.labelled.LabelledGridDataset`, voxel labels, Dice + cross-entropy); validation and
 evaluation run MONAI's ``SupervisedEvaluator`` on whole subjects, one per iteration, through the same dense
 inference as the bundle's ``inference.json`` (:class:`SubjectDenseInferer`), scored by
 :class:`~drasclr_ext.metrics.subtype.SubtypeMetric`.
@@ -26,24 +27,9 @@ __all__ = [
     "labelled_datalist",
     "param_groups",
     "prepare_subject_batch",
-    "prepare_window_batch",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def prepare_window_batch(
-    batchdata: Mapping[str, torch.Tensor],
-    device: Union[str, torch.device, None] = None,
-    non_blocking: bool = False,
-    **_,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor], dict]:
-    """(windows, targets, (locations,), {}) on ``device``: the network is called as ``network(windows, locations)``."""
-
-    def move(x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=device, non_blocking=non_blocking)
-
-    return move(batchdata["image"]), move(batchdata["label"]), (move(batchdata["location"]),), {}
 
 
 def prepare_subject_batch(
@@ -64,7 +50,7 @@ class SubjectDenseInferer(Inferer):
     """MONAI ``Inferer`` that runs :class:`~drasclr_ext.inference.dense.DenseSubtypeInferer` with the engine's
     network on one preprocessed subject dict and returns the dict with ``subtype_prob`` and ``subtype_label``.
 
-    Keyword arguments are those of ``DenseSubtypeInferer`` (atlas, device, batch_size, stride, decision, ...).
+    Keyword arguments are those of ``DenseSubtypeInferer`` (atlas, device, sw_batch_size, window, overlap, ...).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -91,9 +77,9 @@ def initialise(
     ckpt_path: Union[str, Path],
     bundle_root: Optional[Union[str, Path]] = None,
 ) -> torch.nn.Module:
-    """Initialise the network before fine-tuning: ``"pretrained"`` loads the pretrained encoder (the head starts
+    """Initialise the network before fine-tuning: ``"pretrained"`` loads the pretrained encoder (the decoder starts
     fresh), ``"scratch"`` keeps the random initialisation, ``"bundle"`` continues from the bundle's current
-    ``model.pt`` (encoder and head, e.g. for MONAI Label's repeated training). Hashes are checked where listed."""
+    ``model.pt`` (encoder and decoder, e.g. for MONAI Label's repeated training). Hashes are checked where listed."""
     if init_from == "pretrained":
         return load_pretrained_encoder(network, pretrained_path, bundle_root)
     if init_from == "bundle":
@@ -104,12 +90,12 @@ def initialise(
 
 
 def param_groups(network: torch.nn.Module, lr: float, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: the head at ``lr``, the encoder at ``lr * encoder_lr_scale`` (left out when
+    """Optimizer parameter groups: the decoder at ``lr``, the encoder at ``lr * encoder_lr_scale`` (left out when
     frozen or when the scale is 0)."""
     named = list(unwrap(network).named_parameters())
-    head = [p for n, p in named if not n.startswith("encoder.") and p.requires_grad]
+    decoder = [p for n, p in named if not n.startswith("encoder.") and p.requires_grad]
     encoder = [p for n, p in named if n.startswith("encoder.") and p.requires_grad]
-    groups = [{"params": head, "lr": float(lr)}]
+    groups = [{"params": decoder, "lr": float(lr)}]
     if encoder and encoder_lr_scale > 0:
         groups.append({"params": encoder, "lr": float(lr) * float(encoder_lr_scale)})
     return groups

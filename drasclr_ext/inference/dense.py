@@ -1,22 +1,16 @@
-"""Dense emphysema subtype maps: sliding windows -> encoder + head -> blended probabilities -> the input's grid.
+"""Dense emphysema subtype maps: the CT on the 1 mm atlas grid -> sliding-window segmentation -> the input's grid.
 
-How window predictions become voxel maps:
-
-1. :func:`~drasclr_ext.transforms.patches.dense_windows` cuts 32^3 windows (stride 16 by default) on a 1 mm grid
-   with the atlas axes over the lung; each window has its normalised atlas location.
-2. :class:`~drasclr_ext.networks.heads.DrasCLRSubtypeNet` gives each window a softmax over (normal, centrilobular,
-   paraseptal, panlobular): the predicted subtype composition of the lung in the window.
-3. :func:`blend_window_probabilities` spreads each window's probabilities over the window with Gaussian weights
-   (``sigma = sigma_scale * window``, MONAI's ``compute_importance_map``) and divides by the summed weights.
-4. :func:`grid_to_image` resamples the blended map trilinearly onto the input scan's voxels inside the lung mask
-   (renormalised to sum to 1); outside the lung the probabilities are 0.
-5. :func:`subtype_labels` turns probabilities into labels {0 outside lung, 1 normal, 2 CLE, 3 PSE, 4 PLE}:
-   ``decision="attenuation"`` (default) labels a lung voxel with its most probable emphysema subtype when the voxel
-   itself is low-attenuation (HU < -950, the LAA-950 threshold) and that subtype's probability is at least
-   ``min_probability``, and normal otherwise; ``decision="argmax"`` labels every lung voxel with the plain argmax.
-   The window composition varies on the scale of the window (centimetres) while emphysema lesions are millimetres,
-   so the plain argmax of a composition is almost always "normal"; gating by the voxel's own attenuation puts the
-   subtype where the destroyed lung actually is.
+1. :func:`~drasclr_ext.transforms.atlas_grid.atlas_grid` resamples the CT and lung mask onto a 1 mm grid with the
+   atlas axes over the lungs; every voxel gets its normalised atlas location from the registration.
+2. :class:`~drasclr_ext.networks.segmentation.DrasCLRSegNet` segments each window (image + location channels)
+   into normal, centrilobular, paraseptal and panlobular lung; MONAI's ``sliding_window_inference`` tiles the grid
+   with overlapping windows and blends their softmax probabilities with Gaussian weights. Windows without lung
+   are not computed.
+3. :func:`grid_to_image` resamples the probabilities trilinearly onto the input scan's voxels inside the lung mask
+   (renormalised to sum to 1); outside the lung they are 0.
+4. :func:`subtype_labels`: each lung voxel takes its most probable class, {0 outside lung, 1 normal, 2 CLE,
+   3 PSE, 4 PLE}. LAA-950 and Perc15 in the report are measured directly on the HU; the subtype fractions,
+   grades and maps come from these labels.
 """
 
 from __future__ import annotations
@@ -31,114 +25,31 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
 
 from drasclr_ext import __version__
-from drasclr_ext.atlas import Atlas
+from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json
-from drasclr_ext.metrics.emphysema import LAA_THRESHOLD_HU, emphysema_report
-from drasclr_ext.networks.heads import SUBTYPE_CLASSES, window_class_fractions
-from drasclr_ext.transforms.patches import (
-    DenseWindowResult,
-    DenseWindows,
-    _memory_layout,
-    mask_bounding_box,
-    resample_affine,
-)
+from drasclr_ext.metrics.emphysema import emphysema_report
+from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
+from drasclr_ext.transforms.atlas_grid import AtlasGrid, atlas_grid
+from drasclr_ext.transforms.patches import _memory_layout, mask_bounding_box, resample_affine
 from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = [
-    "DECISIONS",
     "DenseSubtypeInferer",
     "DenseSubtypeWriter",
-    "blend_window_probabilities",
+    "LungWindowPredictor",
     "dataset_or_phantom",
     "grid_to_image",
     "render_overview",
     "resample_to_grid",
     "subtype_labels",
-    "window_targets",
 ]
 
 logger = logging.getLogger(__name__)
-DECISIONS = ("attenuation", "argmax")
 LABEL_COLOURS = {1: (0.55, 0.8, 0.55), 2: (0.9, 0.15, 0.15), 3: (0.15, 0.45, 0.95), 4: (0.95, 0.75, 0.1)}
-
-
-def gaussian_window_weights(window: int, sigma_scale: float) -> np.ndarray:
-    """(W, W, W) float32 Gaussian importance weights of a window (MONAI's ``compute_importance_map``)."""
-    weights = compute_importance_map((window,) * 3, mode="gaussian", sigma_scale=sigma_scale, device="cpu")
-    return weights.numpy().astype(np.float32)
-
-
-def _gaussian_factor(window: int, sigma_scale: float) -> Optional[np.ndarray]:
-    """The 1D factor ``f`` of the Gaussian window weights (``weights = f x f x f``), or None when MONAI's clamping
-    of small weights makes them inseparable."""
-    factor = compute_importance_map((window,), mode="gaussian", sigma_scale=sigma_scale, device="cpu")
-    factor = factor.numpy().astype(np.float32)
-    outer = factor[:, None, None] * factor[None, :, None] * factor[None, None, :]
-    return factor if np.allclose(outer, gaussian_window_weights(window, sigma_scale), rtol=1e-5, atol=0) else None
-
-
-def blend_window_probabilities(
-    windows: DenseWindowResult, probabilities: np.ndarray, sigma_scale: float = 0.25
-) -> np.ndarray:
-    """(C, X, Y, Z) float32 Gaussian-weighted average of per-window class probabilities (N, C) on the 1 mm grid.
-
-    Voxels no window covers are 0 in every channel. The Gaussian weights are separable, so the weighted sums are
-    three small matrix products over the lattice of window origins (the same sums as adding each weighted window
-    in turn, up to float32 rounding); a per-window loop is the fallback for inseparable weights.
-    """
-    probabilities = np.asarray(probabilities, dtype=np.float32)
-    if probabilities.shape[0] != len(windows):
-        raise ValueError(f"{probabilities.shape[0]} predictions for {len(windows)} windows")
-    w, classes = windows.window, probabilities.shape[1]
-    factor = _gaussian_factor(w, sigma_scale)
-    if factor is None:
-        total, weight = _blend_loop(windows, probabilities, gaussian_window_weights(w, sigma_scale))
-    else:
-        # the windows on the lattice of their distinct origin coordinates: (C + 1, nx, ny, nz), the class
-        # probabilities and, as channel C, ones (whose blend is the summed weight)
-        lattice = [np.unique(windows.origins[:, a], return_inverse=True) for a in range(3)]
-        values = np.zeros((classes + 1, *(len(u) for u, _ in lattice)), dtype=np.float32)
-        at = tuple(inverse.ravel() for _, inverse in lattice)
-        values[(slice(0, classes), *at)] = probabilities.T
-        values[(classes, *at)] = 1.0
-        # spread[a][v, i]: weight at grid voxel v along axis a of the window with the i-th origin coordinate
-        spread = []
-        for a, (starts, _) in enumerate(lattice):
-            k = np.zeros((windows.grid_shape[a], len(starts)), dtype=np.float32)
-            for i, start in enumerate(starts):
-                k[start : start + w, i] = factor
-            spread.append(k)
-        values = np.einsum("cxyk,zk->cxyz", values, spread[2])
-        values = np.einsum("cxkz,yk->cxyz", values, spread[1])
-        # one BLAS product per channel, in the grid's memory order: (X, nx) @ (nx, Y Z) or (Z Y, nx) @ (nx, X)
-        layout, nx = _memory_layout(windows.grid), values.shape[1]
-        blended = _channels((classes + 1, *windows.grid_shape), layout, np.empty)
-        for c in range(classes + 1):
-            if layout == "C":
-                np.matmul(spread[0], values[c].reshape(nx, -1), out=blended[c].reshape(len(spread[0]), -1))
-            else:
-                zyx = np.ascontiguousarray(values[c].transpose(2, 1, 0)).reshape(-1, nx)
-                np.matmul(zyx, spread[0].T, out=blended[c].T.reshape(-1, len(spread[0])))
-        total, weight = blended[:classes], blended[classes]
-    np.divide(total, weight, out=total, where=weight > 0)
-    return total
-
-
-def _blend_loop(windows: DenseWindowResult, probabilities: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted sums (C, X, Y, Z) and summed weights (X, Y, Z) of the windows, one window at a time."""
-    w = windows.window
-    total = np.zeros((probabilities.shape[1], *windows.grid_shape), dtype=np.float32)
-    weight = np.zeros(windows.grid_shape, dtype=np.float32)
-    product = np.empty((probabilities.shape[1], w, w, w), dtype=np.float32)
-    for p, (x, y, z) in zip(probabilities, windows.origins):
-        np.multiply(p[:, None, None, None], g, out=product)
-        total[:, x : x + w, y : y + w, z : z + w] += product
-        weight[x : x + w, y : y + w, z : z + w] += g
-    return total, weight
 
 
 def _channels(shape: Sequence[int], layout: str, allocate: Any = np.zeros) -> np.ndarray:
@@ -209,40 +120,49 @@ def resample_to_grid(
     return out.astype(volume.dtype, copy=False)
 
 
-def window_targets(label: np.ndarray, affine: np.ndarray, windows: DenseWindowResult) -> np.ndarray:
-    """(N, 4) training targets of dense windows: the class fractions of the lung voxels of each window, from an
-    emphysema label map (X, Y, Z) with ``affine`` resampled (nearest) onto the windows' 1 mm grid."""
-    grid_labels = resample_to_grid(np.asarray(label, np.uint8), affine, windows.grid_affine, windows.grid_shape)
-    return window_class_fractions(grid_labels, windows.origins, windows.window, len(SUBTYPE_CLASSES))
-
-
-def subtype_labels(
-    probabilities: np.ndarray,
-    hu: np.ndarray,
-    lung_mask: np.ndarray,
-    decision: str = "attenuation",
-    laa_threshold: float = LAA_THRESHOLD_HU,
-    min_probability: float = 0.02,
-) -> np.ndarray:
-    """uint8 labels {0 outside lung, 1 normal, 2 CLE, 3 PSE, 4 PLE} from (4, X, Y, Z) probabilities (module doc)."""
-    if decision not in DECISIONS:
-        raise ValueError(f"unknown decision {decision!r}: use one of {DECISIONS}")
-    probabilities, hu = np.asarray(probabilities), np.asarray(hu)
+def subtype_labels(probabilities: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
+    """uint8 labels {0 outside lung, 1 normal, 2 CLE, 3 PSE, 4 PLE}: the most probable class of each lung voxel of
+    (4, X, Y, Z) probabilities."""
     lung = np.asarray(lung_mask) > 0
     layout = _memory_layout(lung)
     labels = np.zeros(lung.shape, dtype=np.uint8, order=layout)
     for box in _slabs(lung, layout):
-        inside = lung[box]
-        p = probabilities[(slice(None), *box)]
-        if decision == "argmax":
-            labels[box] = np.where(inside, 1 + np.argmax(p, axis=0), 0)
-            continue
-        # the most probable emphysema subtype (ties to the first, as argmax) and its probability
-        top = np.maximum(np.maximum(p[1], p[2]), p[3])
-        best = np.where(p[1] == top, 2, np.where(p[2] == top, 3, 4)).astype(np.uint8)
-        emphysema = inside & (hu[box] < laa_threshold) & (top >= min_probability)
-        labels[box] = np.where(emphysema, best, inside.astype(np.uint8))
+        best = np.argmax(probabilities[(slice(None), *box)], axis=0).astype(np.uint8)
+        labels[box] = np.where(lung[box], best + 1, 0)
     return labels
+
+
+class LungWindowPredictor:
+    """The ``predictor`` of ``sliding_window_inference``: softmax probabilities of the windows that hold lung.
+
+    Input windows (B, 5, W, W, W): image, three location channels and the lung mask; windows without lung get
+    zero probabilities without running the network (they lie outside the lung, where the maps are 0 anyway).
+
+    Args:
+        network: ``forward((B, 4, W, W, W)) -> logits (B, C, W, W, W)``.
+        autocast: run the network under bfloat16 autocast.
+    """
+
+    def __init__(self, network: torch.nn.Module, autocast: bool = False) -> None:
+        self.network = network
+        self.autocast = bool(autocast)
+        self.windows = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        has_lung = batch[:, 4].flatten(1).amax(1) > 0
+        out = None
+        if bool(has_lung.any()):
+            with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.network(batch[has_lung, :4])
+            probabilities = torch.softmax(logits.float(), dim=1)
+            self.windows += int(has_lung.sum())
+            if bool(has_lung.all()):
+                return probabilities
+            out = probabilities.new_zeros((batch.shape[0], *probabilities.shape[1:]))
+            out[has_lung] = probabilities
+            return out
+        classes = getattr(self.network, "num_classes", 4)
+        return batch.new_zeros((batch.shape[0], classes, *batch.shape[2:]))
 
 
 class DenseSubtypeInferer:
@@ -253,15 +173,15 @@ class DenseSubtypeInferer:
     plus ``dense_info`` (window count and timings).
 
     Args:
-        network: a :class:`~drasclr_ext.networks.heads.DrasCLRSubtypeNet` (``forward(x, loc) -> logits``).
+        network: a :class:`~drasclr_ext.networks.segmentation.DrasCLRSegNet`.
         atlas: the atlas the registration used (an :class:`Atlas` or its name).
         device: where the network runs.
-        batch_size: windows per forward pass (the same probabilities whatever the size, up to float rounding; on
-            the 2-core CPU sandbox 8 to 12 ran fastest, about 1.4x faster than 32: docs/BENCHMARKS.md).
-        window, stride, margin: the dense window grid (1 mm voxels).
+        sw_batch_size: windows per forward pass.
+        window: window edge in mm (1 mm voxels; a multiple of 32).
+        overlap: overlap of neighbouring windows (``sliding_window_inference``'s).
         sigma_scale: Gaussian blending sigma as a fraction of the window.
-        decision: "attenuation" or "argmax" (see :func:`subtype_labels`).
-        min_probability: subtype probability needed to label a low-attenuation voxel emphysema.
+        margin: mm of grid around the lung bounding box.
+        autocast: run the network under bfloat16 autocast (see docs/BENCHMARKS.md before turning it on).
         atlas_path: folder of the atlas files, for atlases that need it.
     """
 
@@ -270,41 +190,47 @@ class DenseSubtypeInferer:
         network: torch.nn.Module,
         atlas: Union[Atlas, str] = "default",
         device: Union[str, torch.device] = "cpu",
-        batch_size: int = 32,
-        window: int = 32,
-        stride: int = 16,
+        sw_batch_size: int = 2,
+        window: int = 64,
+        overlap: float = 0.25,
+        sigma_scale: float = 0.125,
         margin: int = 4,
-        sigma_scale: float = 0.25,
-        decision: str = "attenuation",
-        min_probability: float = 0.02,
+        autocast: bool = False,
         atlas_path: Optional[str] = None,
         image_key: str = "image",
         mask_key: str = "lung_mask",
         registration_key: str = "registration",
     ) -> None:
-        if decision not in DECISIONS:
-            raise ValueError(f"unknown decision {decision!r}: use one of {DECISIONS}")
+        if int(window) % 32:
+            raise ValueError(f"window must be a multiple of 32 mm, got {window}")
         self.network = network
+        self.atlas = load_atlas(atlas, atlas_path)
         self.device = torch.device(device)
-        self.batch_size = int(batch_size)
-        self.windows = DenseWindows(atlas, window, stride, margin, atlas_path)
-        self.sigma_scale = float(sigma_scale)
-        self.decision = decision
-        self.min_probability = float(min_probability)
+        self.sw_batch_size = int(sw_batch_size)
+        self.window, self.overlap, self.sigma_scale = int(window), float(overlap), float(sigma_scale)
+        self.margin = int(margin)
+        self.autocast = bool(autocast)
         self.image_key, self.mask_key, self.registration_key = image_key, mask_key, registration_key
 
     @torch.inference_mode()
-    def predict(self, windows: DenseWindowResult) -> np.ndarray:
-        """(N, C) softmax probabilities of every window, in batches of ``batch_size``."""
+    def predict(self, grid: AtlasGrid) -> tuple[np.ndarray, int]:
+        """(C, X, Y, Z) blended class probabilities on the atlas grid, and the number of windows computed."""
         self.network.eval()
-        locations = torch.as_tensor(windows.locations, dtype=torch.float32)
-        out = []
-        for start in range(0, len(windows), self.batch_size):
-            idx = np.arange(start, min(start + self.batch_size, len(windows)))
-            x = torch.from_numpy(windows.windows(idx))[:, None].to(self.device)
-            logits = self.network(x, locations[idx].to(self.device))
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
-        return torch.cat(out).numpy()
+        inputs = np.concatenate([grid.image[None], grid.locations(), grid.lung[None] > 0], axis=0)
+        inputs = torch.from_numpy(inputs.astype(np.float32, copy=False))[None]
+        predictor = LungWindowPredictor(self.network, self.autocast)
+        probabilities = sliding_window_inference(
+            inputs,
+            roi_size=self.window,
+            sw_batch_size=self.sw_batch_size,
+            predictor=predictor,
+            overlap=self.overlap,
+            mode="gaussian",
+            sigma_scale=self.sigma_scale,
+            sw_device=self.device,
+            device="cpu",
+        )
+        return probabilities[0].numpy(), predictor.windows
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
@@ -315,30 +241,27 @@ class DenseSubtypeInferer:
             raise InputImageError(f"lung mask {lung.shape} and image {hu.shape} differ in shape: recompute the mask")
         timings = {}
         t = time.perf_counter()
-        windows = self.windows(image, d[self.mask_key], registration)
-        timings["windows_s"] = time.perf_counter() - t
+        grid = atlas_grid(image, d[self.mask_key], registration, self.atlas, self.margin, min_size=self.window)
+        timings["atlas_grid_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        probabilities = self.predict(windows)
+        probabilities, windows = self.predict(grid)
         timings["network_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        grid = blend_window_probabilities(windows, probabilities, self.sigma_scale)
-        timings["blend_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        prob = grid_to_image(grid, windows.grid_affine, affine, hu.shape, lung > 0)
-        del grid
-        label = subtype_labels(prob, hu, lung, self.decision, min_probability=self.min_probability)
+        prob = grid_to_image(probabilities, grid.affine, affine, hu.shape, lung > 0)
+        del probabilities
+        label = subtype_labels(prob, lung)
         timings["to_input_grid_s"] = time.perf_counter() - t
         meta = dict(getattr(image, "meta", {}))
         meta["affine"] = torch.as_tensor(affine, dtype=torch.float64)
         d["subtype_prob"] = MetaTensor(torch.from_numpy(prob), meta=dict(meta))
         d["subtype_label"] = MetaTensor(torch.from_numpy(label[None]), meta=dict(meta))
         d["dense_info"] = {
-            "windows": len(windows),
-            "window": windows.window,
-            "stride": self.windows.stride,
+            "windows": windows,
+            "window": self.window,
+            "overlap": self.overlap,
             "sigma_scale": self.sigma_scale,
-            "decision": self.decision,
-            "min_probability": self.min_probability,
+            "grid_shape": list(grid.shape),
+            "autocast": self.autocast,
             "timings": timings,
         }
         return d
@@ -385,9 +308,18 @@ def _acquisition(image: Any, affine: np.ndarray, shape: Sequence[int]) -> dict[s
 
 
 def render_overview(
-    hu: np.ndarray, label: np.ndarray, affine: np.ndarray, path: Union[str, Path], title: str = ""
+    hu: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    path: Union[str, Path],
+    title: str = "",
+    truth: Optional[np.ndarray] = None,
 ) -> Path:
-    """PNG with three axial slices (upper, middle, lower lung) and a coronal slice, subtype labels overlaid."""
+    """PNG with three axial slices (upper, middle, lower lung) and a coronal slice, subtype labels overlaid.
+
+    With ``truth`` (a label map on the same grid) a first row shows the truth and a second the labels, on the same
+    slices, so the two can be compared at a glance.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,9 +329,10 @@ def render_overview(
 
     ornt = nib.orientations.io_orientation(affine)  # to R, A, S axis order and direction
     hu_ras = nib.orientations.apply_orientation(hu, ornt)
-    label_ras = nib.orientations.apply_orientation(label, ornt)
+    rows = [("", label)] if truth is None else [("truth, ", truth), ("predicted, ", label)]
+    rows = [(name, nib.orientations.apply_orientation(np.asarray(m), ornt)) for name, m in rows]
     spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)[ornt[:, 0].astype(int)]
-    lung = label_ras > 0
+    lung = rows[-1][1] > 0
     per_y = np.count_nonzero(lung, axis=(0, 2))  # lung voxels per coronal plane
     occupied_z = np.flatnonzero(np.any(lung, axis=(0, 1)))
     if occupied_z.size == 0:
@@ -412,19 +345,20 @@ def render_overview(
     colours = np.zeros((5, 4))
     for value, rgb in LABEL_COLOURS.items():
         colours[value] = (*rgb, 0.25 if value == 1 else 0.85)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
-    views = [(hu_ras[:, :, k], label_ras[:, :, k], spacing[1] / spacing[0], f"axial z={k}") for k in axial]
-    views.append((hu_ras[:, coronal, :], label_ras[:, coronal, :], spacing[2] / spacing[0], f"coronal y={coronal}"))
-    for ax, (img, lab, aspect, name) in zip(axes, views):
-        # rows = second axis (A or S), columns = R->L as radiologists view (patient right on the left)
-        ax.imshow(img.T[:, ::-1], cmap="gray", vmin=-1000, vmax=200, origin="lower", aspect=aspect)
-        ax.imshow(colours[lab.T[:, ::-1].astype(int)], origin="lower", aspect=aspect, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
+    fig, axes = plt.subplots(len(rows), 4, figsize=(16, 4.6 * len(rows)), squeeze=False)
+    for ax_row, (prefix, lab_ras) in zip(axes, rows):
+        views = [(hu_ras[:, :, k], lab_ras[:, :, k], spacing[1] / spacing[0], f"axial z={k}") for k in axial]
+        views.append((hu_ras[:, coronal, :], lab_ras[:, coronal, :], spacing[2] / spacing[0], f"coronal y={coronal}"))
+        for ax, (img, lab, aspect, name) in zip(ax_row, views):
+            # rows = second axis (A or S), columns = R->L as radiologists view (patient right on the left)
+            ax.imshow(img.T[:, ::-1], cmap="gray", vmin=-1000, vmax=200, origin="lower", aspect=aspect)
+            ax.imshow(colours[lab.T[:, ::-1].astype(int)], origin="lower", aspect=aspect, interpolation="nearest")
+            ax.set_title(prefix + name)
+            ax.axis("off")
     handles = [Patch(color=LABEL_COLOURS[v], label=n) for v, n in zip((1, 2, 3, 4), SUBTYPE_CLASSES)]
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
     fig.suptitle(title or "emphysema subtypes (patient right on the image's left)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 / len(rows), 1, 1 - 0.05 / len(rows)))
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)

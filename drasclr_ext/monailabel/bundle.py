@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Union
 from monai.bundle import ConfigParser
 
 from drasclr_ext.checkpoint import load_bundle_weights
-from drasclr_ext.inference.dense import DECISIONS, DenseSubtypeInferer, DenseSubtypeWriter
+from drasclr_ext.inference.dense import DenseSubtypeInferer, DenseSubtypeWriter
 from drasclr_ext.monailabel.errors import LabelAppSetupError, LabelRequestError
 
 __all__ = ["BUNDLE_NAME", "INFER_DEFAULTS", "SubtypeBundle", "SubtypePipeline", "default_bundle_path"]
@@ -22,10 +22,9 @@ logger = logging.getLogger(__name__)
 BUNDLE_NAME = "drasclr_emphysema_subtype"
 # inference.json settings a MONAI Label request may change (name -> default shown to clients)
 INFER_DEFAULTS: dict[str, Any] = {
-    "window_stride": 16,
-    "batch_size": 32,
-    "decision": "attenuation",
-    "min_probability": 0.02,
+    "overlap": 0.25,
+    "sw_batch_size": 2,
+    "autocast": False,
 }
 
 
@@ -39,23 +38,20 @@ def check_infer_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """The inference.json overrides among ``params`` (INFER_DEFAULTS' keys), converted and checked."""
     out: dict[str, Any] = {}
     try:
-        if "window_stride" in params:
-            out["window_stride"] = int(params["window_stride"])
-            if not 1 <= out["window_stride"] <= 64:
-                raise ValueError("window_stride must be 1 to 64 (voxels of 1 mm)")
-        if "batch_size" in params:
-            out["batch_size"] = int(params["batch_size"])
-            if out["batch_size"] < 1:
-                raise ValueError("batch_size must be at least 1")
-        if "min_probability" in params:
-            out["min_probability"] = float(params["min_probability"])
-            if not 0.0 <= out["min_probability"] <= 1.0:
-                raise ValueError("min_probability must be in [0, 1]")
-        if "decision" in params:
-            decision = params["decision"]
-            out["decision"] = decision[0] if isinstance(decision, (list, tuple)) else str(decision)
-            if out["decision"] not in DECISIONS:
-                raise ValueError(f"decision must be one of {DECISIONS}")
+        if "overlap" in params:
+            out["overlap"] = float(params["overlap"])
+            if not 0.0 <= out["overlap"] < 1.0:
+                raise ValueError("overlap must be in [0, 1)")
+        if "sw_batch_size" in params:
+            out["sw_batch_size"] = int(params["sw_batch_size"])
+            if out["sw_batch_size"] < 1:
+                raise ValueError("sw_batch_size must be at least 1")
+        if "autocast" in params:
+            value = params["autocast"]
+            value = value[0] if isinstance(value, (list, tuple)) else value
+            if str(value).lower() not in ("true", "false", "1", "0"):
+                raise ValueError("autocast must be true or false")
+            out["autocast"] = str(value).lower() in ("true", "1")
     except (TypeError, ValueError) as exc:
         raise LabelRequestError(f"bad inference parameter: {exc}") from exc
     return out

@@ -16,12 +16,11 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import json_safe
-from drasclr_ext.inference.dense import DECISIONS
 from drasclr_ext.inference.runner import our_error
 from drasclr_ext.monailabel.bundle import INFER_DEFAULTS, SubtypeBundle, SubtypePipeline
 from drasclr_ext.monailabel.compat import move_string_image_keys
 from drasclr_ext.monailabel.errors import LabelRequestError
-from drasclr_ext.networks.heads import SUBTYPE_CLASSES
+from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 from drasclr_ext.transforms.io import save_like, subject_name
 
 __all__ = ["LABELS", "SubtypeInferTask"]
@@ -44,15 +43,15 @@ class SubtypeInferTask(BasicInferTask):
 
     MONAI Label's request flow is kept (``pre_transforms`` -> ``run_inferer`` -> ``writer``, with its latencies),
     but every step is the bundle's: the preprocessing ``Compose`` and ``DenseSubtypeInferer`` of inference.json
-    (parsed by ``ConfigParser``), weights from ``models/model.pt``. Requests may set ``window_stride``,
-    ``batch_size``, ``decision`` and ``min_probability`` (the inference.json settings).
+    (parsed by ``ConfigParser``), weights from ``models/model.pt``. Requests may set ``overlap``,
+    ``sw_batch_size`` and ``autocast`` (the inference.json settings).
 
     The result is ``subtype_label.nii.gz``-like: uint8, 0 outside lung, 1 normal, 2 centrilobular, 3 paraseptal,
     4 panlobular, with the input's affine and shape; the JSON holds ``report`` (``DenseSubtypeWriter.report``).
     """
 
     def __init__(self, bundle: SubtypeBundle, description: Optional[str] = None) -> None:
-        config = dict(INFER_DEFAULTS, decision=list(DECISIONS))
+        config = dict(INFER_DEFAULTS, autocast=[False, True])
         super().__init__(
             path=str(bundle.model_path),
             network=None,

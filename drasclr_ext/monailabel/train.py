@@ -26,8 +26,9 @@ __all__ = ["TRAIN_DEFAULTS", "SubtypeTrainTask", "split_datalist"]
 
 logger = logging.getLogger(__name__)
 # request parameters (shown to clients): epochs, iterations per epoch (0: the whole training set), validation share,
-# windows per batch (0: train.json's batch_size), and where training starts (train.json's init_from: "bundle"
-# continues from the current models/model.pt, "pretrained" restarts from the pretrained encoder, "scratch")
+# subjects per batch (0: train.json's batch_size; each subject gives crops_per_subject windows), and where training
+# starts (train.json's init_from: "bundle" continues from the current models/model.pt, "pretrained" restarts from the
+# pretrained encoder, "scratch")
 TRAIN_DEFAULTS: Dict[str, Any] = {
     "max_epochs": 10,
     "epoch_length": 0,
@@ -80,7 +81,7 @@ class SubtypeTrainTask(TrainTask):
 
     Request parameters: ``max_epochs``, ``epoch_length`` (0: the whole training set each epoch), ``val_split`` and
     ``batch_size`` (0: train.json's) and ``init_from`` (``"bundle"``, the default, continues from the current
-    ``models/model.pt``; ``"pretrained"`` restarts from the pretrained encoder with a new head; ``"scratch"``).
+    ``models/model.pt``; ``"pretrained"`` restarts from the pretrained encoder with a new decoder; ``"scratch"``).
     Every run trains on all final labels.
     Each run writes its datalist, logs and checkpoints to ``<work_dir>/<run>/`` and its summary to
     ``<work_dir>/stats.json`` (shown as ``train_stats`` by ``/info/``).

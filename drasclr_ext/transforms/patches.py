@@ -15,7 +15,6 @@ patch centred there), normalised with the atlas landmarks' per-axis maximum exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -23,8 +22,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, Transform
 from scipy import ndimage
 
-from drasclr_ext.atlas import Atlas, box_counts, load_atlas, normalise_corners
-from drasclr_ext.errors import InputImageError
+from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.transforms.registration import RegistrationResult, _array_and_affine, apply_affine
 
 __all__ = [
@@ -32,11 +30,8 @@ __all__ = [
     "HU_MIN",
     "AnatomicalPatches",
     "AnatomicalPatchesd",
-    "DenseWindowResult",
-    "DenseWindows",
     "HUWindow",
     "HUWindowd",
-    "dense_windows",
     "hu_window",
     "mask_bounding_box",
     "resample_affine",
@@ -304,138 +299,3 @@ class AnatomicalPatchesd(MapTransform):
             for name, value in self.extractor(d[key], d[self.registration_key]).items():
                 d[f"{self.output_prefix}{name}"] = value
         return d
-
-
-@dataclass
-class DenseWindowResult:
-    """Sliding windows over the lung on a 1 mm grid with the atlas axes.
-
-    Attributes:
-        grid: (X, Y, Z) float32 windowed HU in [-1, 1] on the 1 mm grid.
-        lung: (X, Y, Z) uint8 lung labels on that grid (nearest neighbour).
-        grid_affine: 4x4 RAS affine of the grid.
-        origins: (N, 3) int64 grid indices of each window's lowest corner.
-        locations: (N, 3) float32 normalised atlas location of each window (see the module docstring).
-        window: window edge in voxels.
-    """
-
-    grid: np.ndarray
-    lung: np.ndarray
-    grid_affine: np.ndarray
-    origins: np.ndarray
-    locations: np.ndarray
-    window: int
-
-    @property
-    def grid_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.grid.shape)  # type: ignore[return-value]
-
-    def __len__(self) -> int:
-        return len(self.origins)
-
-    def windows(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
-        """(n, W, W, W) float32 window patches (all windows when ``indices`` is None)."""
-        origins = self.origins if indices is None else self.origins[np.asarray(indices)]
-        view = np.lib.stride_tricks.sliding_window_view(self.grid, (self.window,) * 3)  # no copy
-        return np.ascontiguousarray(view[origins[:, 0], origins[:, 1], origins[:, 2]], dtype=np.float32)
-
-    def blend(self, values: np.ndarray, indices: Optional[np.ndarray] = None) -> np.ndarray:
-        """Average window predictions (n, [C,] W, W, W) over overlaps into (C, X, Y, Z) on the grid (0 elsewhere)."""
-        values = np.asarray(values, dtype=np.float32)
-        if values.ndim == 4:
-            values = values[:, None]
-        idx = np.arange(len(self.origins)) if indices is None else np.asarray(indices)
-        w = self.window
-        total = np.zeros((values.shape[1], *self.grid.shape), dtype=np.float32)
-        count = np.zeros(self.grid.shape, dtype=np.float32)
-        for v, (x, y, z) in zip(values, self.origins[idx]):
-            total[:, x : x + w, y : y + w, z : z + w] += v
-            count[x : x + w, y : y + w, z : z + w] += 1.0
-        return total / np.maximum(count, 1.0)
-
-
-def _windows_with_lung(lung: np.ndarray, origins: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """Whether each ``window``^3 box at ``origins`` holds a lung voxel.
-
-    With origins on a ``stride`` lattice and ``window`` a multiple of ``stride`` (the dense grid), from the lung
-    presence per ``stride``^3 block: one pass over the grid instead of a summed-volume table.
-    """
-    if window % stride or np.any(origins % stride):
-        return box_counts(lung, origins, window) > 0
-    blocks = np.asarray(lung) > 0
-    for axis in range(3):
-        blocks = np.logical_or.reduceat(blocks, np.arange(0, blocks.shape[axis], stride), axis=axis)
-    span = window // stride  # a window at lattice index q covers the blocks q .. q + span - 1
-    for axis in range(3):
-        n = max(blocks.shape[axis] - span + 1, 1)
-        blocks = np.logical_or.reduce([np.take(blocks, np.arange(k, k + n), axis=axis) for k in range(span)])
-    q = origins // stride
-    return blocks[q[:, 0], q[:, 1], q[:, 2]]
-
-
-def dense_windows(
-    image: Any,
-    lung_mask: Any,
-    registration: RegistrationResult,
-    atlas: Union[Atlas, str] = "default",
-    window: int = 32,
-    stride: int = 16,
-    margin: int = 4,
-    atlas_path: Optional[str] = None,
-    affine: Optional[np.ndarray] = None,
-) -> DenseWindowResult:
-    """Sliding ``window``^3 windows with ``stride`` over the lung (see :class:`DenseWindowResult`).
-
-    ``image`` (HU) and ``lung_mask`` share one grid: MetaTensors, or arrays with ``affine``.
-    """
-    atlas = load_atlas(atlas, atlas_path)
-    hu, hu_affine = _array_and_affine(image, affine)
-    lung, _ = _array_and_affine(lung_mask, hu_affine)
-    if lung.shape != hu.shape:
-        raise InputImageError(f"lung mask shape {lung.shape} differs from the image's {hu.shape}; recompute the mask")
-    bounds = mask_bounding_box(lung > 0)
-    if bounds is None:
-        raise InputImageError("the lung mask is empty; dense windows need lungs: check the scan and its lung mask")
-    axes = _unit_axes(atlas.affine)
-    # the lung bounding box (voxel box corners) in the grid frame u = axes^T world
-    lo_v, hi_v = bounds[0] - 0.5, bounds[1] - 0.5
-    box = np.array(np.meshgrid(*zip(lo_v, hi_v), indexing="ij")).reshape(3, -1).T
-    u = apply_affine(hu_affine, box) @ axes
-    lo = np.floor(u.min(0)) - margin
-    extent = np.ceil(u.max(0)) + margin - lo + 1
-    counts = np.maximum(1, np.ceil((extent - window) / stride).astype(int) + 1)
-    shape = (counts - 1) * stride + window
-    grid_affine = np.eye(4)
-    grid_affine[:3, :3] = axes
-    grid_affine[:3, 3] = axes @ lo
-    # resample HU (trilinear) and the lung labels (nearest) onto the grid, in the image's memory order
-    grid_to_voxel = np.linalg.inv(hu_affine) @ grid_affine
-    m, t, layout = grid_to_voxel[:3, :3], grid_to_voxel[:3, 3], _memory_layout(hu)
-    grid = hu_window(resample_affine(hu, m, t, shape, order=1, cval=HU_MIN, layout=layout))
-    lung_grid = resample_affine(np.asarray(lung, dtype=np.uint8), m, t, shape, order=0, cval=0, layout=layout)
-    starts = [np.arange(c) * stride for c in counts]
-    origins = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.int64)
-    origins = origins[_windows_with_lung(lung_grid, origins, window, stride)]
-    centres_world = apply_affine(grid_affine, origins + (window - 1) / 2.0)
-    atlas_voxel = apply_affine(np.linalg.inv(atlas.affine) @ registration.subject_to_atlas, centres_world)
-    corners = atlas_voxel - (atlas.patch_size - 1) / 2.0
-    locations = normalise_corners(corners, atlas.corners)
-    return DenseWindowResult(grid, lung_grid, grid_affine, origins, locations, int(window))
-
-
-class DenseWindows(Transform):
-    """Array transform for :func:`dense_windows`: ``__call__(image, lung_mask, registration)``."""
-
-    def __init__(
-        self,
-        atlas: Union[Atlas, str] = "default",
-        window: int = 32,
-        stride: int = 16,
-        margin: int = 4,
-        atlas_path: Optional[str] = None,
-    ) -> None:
-        self.atlas = load_atlas(atlas, atlas_path)
-        self.window, self.stride, self.margin = int(window), int(stride), int(margin)
-
-    def __call__(self, image: Any, lung_mask: Any, registration: RegistrationResult) -> DenseWindowResult:
-        return dense_windows(image, lung_mask, registration, self.atlas, self.window, self.stride, self.margin)
