@@ -22,10 +22,14 @@ class CondConvBlock(nn.Module):
         self.bn3 = nn.BatchNorm3d(out_channels)
         self.act = nn.ELU()
 
-    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    def stages(self, x: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's feature map before its strided convolution (a U-Net skip) and its output."""
         x = self.act(self.bn1(self.conv1(x, loc)))
-        x = self.act(self.bn2(self.conv2(x, loc)))
-        return self.act(self.bn3(self.conv3(x, loc)))
+        before = self.act(self.bn2(self.conv2(x, loc)))
+        return before, self.act(self.bn3(self.conv3(before, loc)))
+
+    def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        return self.stages(x, loc)[1]
 
 
 class DrasCLREncoder(nn.Module):

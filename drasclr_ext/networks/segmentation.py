@@ -21,7 +21,7 @@ from monai.networks.blocks import Convolution, UpSample
 from torch import nn
 
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.networks.encoder import CondConvBlock, DrasCLREncoder
+from drasclr_ext.networks.encoder import DrasCLREncoder
 
 __all__ = ["SUBTYPE_CLASSES", "DrasCLRSegNet", "split_location"]
 
@@ -36,7 +36,7 @@ def split_location(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(image (B, 1, ...), location (B, 3)) of a packed input (B, 4, ...) whose channels 1..3 hold the normalised
     atlas location of each voxel: the window's location is their mean (the location at the window's centre)."""
     if x.ndim != 5 or x.shape[1] != 4:
-        raise DrasCLRError(f"expected a (B, 4, W, W, W) window with 3 location channels, got {tuple(x.shape)}")
+        raise DrasCLRError(f"expected a (B, 4, W, W, W) window with 3 location channels, got shape {x.shape}")
     return x[:, :1], x[:, 1:4].flatten(2).mean(-1)
 
 
@@ -101,29 +101,24 @@ class DrasCLRSegNet(nn.Module):
         """Encoder feature maps ``[W/32 (rep_dim), W/16 (128), W/8 (64), W/4 (32), W/2 (16), W (8)]``; the first,
         flattened, is the encoder's representation ``h`` for 32^3 windows."""
         e = self.encoder
-
-        def block(b: CondConvBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = b.act(b.bn1(b.conv1(x, loc)))
-            before = b.act(b.bn2(b.conv2(x, loc)))
-            return before, b.act(b.bn3(b.conv3(before, loc)))
-
         full = e.act(e.bn1(e.conv1(image, loc)))
         x = e.act(e.bn2(e.conv2(full, loc)))
-        half, x = block(e.downsample1, x)
-        quarter, x = block(e.downsample2, x)
-        eighth, x = block(e.downsample3, x)
+        half, x = e.downsample1.stages(x, loc)
+        quarter, x = e.downsample2.stages(x, loc)
+        eighth, x = e.downsample3.stages(x, loc)
         sixteenth = e.act(e.bn3(e.conv3(x, loc)))
         deepest = e.act(e.bn4(e.conv4(sixteenth, loc)))
         return [deepest, sixteenth, eighth, quarter, half, full]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image, loc = split_location(x)
-        if any(s % 32 for s in image.shape[2:]):
-            raise DrasCLRError(f"window sides must be multiples of 32, got {tuple(image.shape[2:])}")
+        for side in image.shape[2:]:
+            if side % 32 != 0:
+                raise DrasCLRError(f"window sides must be multiples of 32, got shape {image.shape}")
         features = self.encode(image, loc)
         y = features[0]
-        for up, decode, skip in zip(self.up, self.decode, features[1:-1]):
-            y = decode(torch.cat([up(y), skip], dim=1))
+        for level, (up, decode) in enumerate(zip(self.up, self.decode)):
+            y = decode(torch.cat([up(y), features[level + 1]], dim=1))
         return self.up_out(self.out_half(y)) + self.out_full(features[-1])
 
 
