@@ -20,10 +20,10 @@ from drasclr_ext.networks.segmentation import DrasCLRSegNet
 from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli
 
 NAME = "drasclr_emphysema_subtype"
-# 2 iterations of 1 subject x 2 crops of 32^3; validation and evaluation on 128^3 windows without overlap (a few
-# large windows cost the fewest CPU seconds per voxel)
-INFER = ["--overlap", "0.0"]
-FAST = ["--window", "32", "--validate#inferer#window", "128", *INFER, "--max_epochs", "1", "--epoch_length", "2"]
+# 2 iterations of 1 subject x 2 crops of 32^3; validation and evaluation on 64^3 windows without overlap, one at a
+# time (the fewest network seconds on a CPU)
+INFER = ["--overlap", "0.0", "--sw_batch_size", "1"]
+FAST = ["--window", "32", "--validate#inferer#window", "64", *INFER, "--max_epochs", "1", "--epoch_length", "2"]
 FAST += ["--batch_size", "1", "--crops_per_subject", "2", "--subject_repeats", "2"]
 
 
@@ -75,14 +75,14 @@ def test_evaluate_writes_per_class_scores_and_laa950_errors(trained):
     files = [str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")]
     args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", json.dumps(files).replace('"', "'")]
     args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
-    args += ["--dataset_dir", str(trained["datalist"]), "--output_dir", str(root / "eval"), "--window", "128", *INFER]
+    args += ["--dataset_dir", str(trained["datalist"]), "--output_dir", str(root / "eval"), "--window", "64", *INFER]
     run_bundle_cli(args, cwd=root / "elsewhere")
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["section"] == "test" and metrics["subjects_scored"] == 1
     for name in ("normal", "centrilobular", "paraseptal", "panlobular"):
         assert {f"dice_{name}", f"f1_{name}", f"auc_{name}", f"fraction_mae_{name}"} <= set(metrics)
     assert metrics["weights_sha256"] == sha256sum(bundle / "models" / "model.pt")
-    assert (metrics["window"], metrics["overlap"]) == (128, 0.0)
+    assert (metrics["window"], metrics["overlap"]) == (64, 0.0)
     (row,) = metrics["subjects"]
     test_entry = json.loads(trained["datalist"].read_text())["test"][0]
     hu = np.asarray(nib.load(trained["datalist"].parent / test_entry["image"]).dataobj, dtype=np.float32)

@@ -190,7 +190,7 @@ def inferred(tmp_path_factory):
     torch.manual_seed(0)
     chest, hu, data = _chest_data()
     net = DrasCLRSegNet(rep_dim=16, moco_dim=8, num_experts=2, decoder_channels=(8, 8, 8, 8))
-    out = DenseSubtypeInferer(net, window=128, overlap=0.25)(data)  # 4 overlapping windows: the fewest CPU seconds
+    out = DenseSubtypeInferer(net, window=64, overlap=0.25)(data)
     subject_dir = tmp_path_factory.mktemp("dense") / "chest"
     DenseSubtypeWriter({"bundle": "test"})(out, subject_dir)
     return chest, hu, out, subject_dir
@@ -237,11 +237,11 @@ def _windows_with_lung(data, window: int, overlap: float) -> tuple[int, int, lis
 
 def test_dense_info_counts_the_windows_with_lung(inferred):
     _, _, out, _ = inferred
-    with_lung, total, shape = _windows_with_lung(_chest_data()[2], 128, 0.25)
+    with_lung, total, shape = _windows_with_lung(_chest_data()[2], 64, 0.25)
     info = out["dense_info"]
-    assert info["grid_shape"] == shape and min(shape) >= 128
+    assert info["grid_shape"] == shape and min(shape) >= 64
     assert info["windows"] == with_lung > 1
-    assert (info["window"], info["overlap"], info["sigma_scale"], info["autocast"]) == (128, 0.25, 0.125, False)
+    assert (info["window"], info["overlap"], info["sigma_scale"], info["autocast"]) == (64, 0.25, 0.125, False)
     assert set(info["timings"]) == {"atlas_grid_s", "network_s", "to_input_grid_s"}
 
 

@@ -240,7 +240,7 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
     assert sha256sum(bundle_dir / f"{EMPHYSEMA}.zip") == releases[EMPHYSEMA].sha256
     scans = write_small_phantom(tmp_path / "scans").parent
     out = tmp_path / "out"
-    # 128^3 windows without overlap (a few large windows cost the fewest CPU seconds) and no overview figure: this
+    # 64^3 windows without overlap, one at a time (the fewest network seconds on a CPU) and no overview figure: this
     # checks the download, not the maps
     run_bundle_cli(
         [
@@ -256,10 +256,10 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
             str(scans),
             "--output_dir",
             str(out),
-            "--window",
-            "128",
             "--overlap",
             "0.0",
+            "--sw_batch_size",
+            "1",
             "--overview",
             "False",
         ],
@@ -267,7 +267,7 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
     )
     report = json.loads((out / "small" / "report.json").read_text())
     assert report["model"]["weights_sha256"] == sha256sum(root / "models" / "model.pt")
-    assert (report["dense"]["window"], report["dense"]["overlap"]) == (128, 0.0)
+    assert (report["dense"]["window"], report["dense"]["overlap"]) == (64, 0.0)
     assert not (root / "eval").exists()
 
     # models/model.pt is there, so load() does not download. With model= it parses no config (weights_only=True)

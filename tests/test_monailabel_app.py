@@ -79,14 +79,10 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("monailabel")
     bundle = root / NAME
     shutil.copytree(bundle_dir(NAME), bundle, ignore=shutil.ignore_patterns("eval"))
-    # short runs: training on 1 subject x 2 crops of 32^3 per iteration, inference on 128^3 windows (a few large
-    # windows cost the fewest CPU seconds per voxel)
-    for name, settings in (
-        ("train", {"window": 32, "crops_per_subject": 2, "subject_repeats": 1}),
-        ("inference", {"window": 128}),
-    ):
-        path = bundle / "configs" / f"{name}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **settings}, indent=4))
+    # a short training run: 1 subject x 2 crops of 32^3 per iteration
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    train.update(window=32, crops_per_subject=2, subject_repeats=1)
+    (bundle / "configs" / "train.json").write_text(json.dumps(train, indent=4))
     studies = root / "studies"
     write_small_phantom(studies, seed=11, name="chest_a")
     write_small_phantom(studies, seed=12, name="chest_b")
@@ -167,7 +163,7 @@ def test_infer_returns_the_label_map_in_the_input_geometry_and_the_report(server
     fractions = report["subtype_fractions"]
     for value, name in enumerate(("normal", "centrilobular", "paraseptal", "panlobular"), start=1):
         assert fractions[name] == pytest.approx((label == value).sum() / lung.sum())
-    assert (report["dense"]["window"], report["dense"]["overlap"]) == (128, 0.0)
+    assert (report["dense"]["window"], report["dense"]["overlap"]) == (64, 0.0)
     assert report["model"]["weights_sha256"] == sha256sum(server["bundle"] / "models" / "model.pt")
     assert result["label_names"] == {"normal": 1, "centrilobular": 2, "paraseptal": 3, "panlobular": 4}
 

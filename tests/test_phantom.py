@@ -192,3 +192,42 @@ def test_cli_phantom_command(tmp_path):
 
     path = phantom(str(tmp_path), n=1, seed=3, shape=(40, 40, 24))
     assert json.loads(open(path).read())["training"][0]["image"] == "phantom_00003_image.nii.gz"
+
+
+def _capsule_grid(spacing):
+    from drasclr_ext.data.phantom import _Grid
+
+    shape = tuple(int(round(40.0 / s)) for s in spacing)
+    return _Grid(shape, spacing, np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2]), -20.0), shape
+
+
+@pytest.mark.parametrize("spacing, centre_fraction", [((1.0, 1.0, 1.0), 1.0), ((1.0, 1.0, 5.0), 0.3)])
+def test_capsules_fill_thick_slices_by_their_share_of_the_slab(spacing, centre_fraction):
+    """A 1.5 mm lucency centred in a 5 mm slice fills about a third of its voxel (not all of it); the painted volume
+    (fraction x voxel volume) of a capsule is its volume whatever the slice thickness."""
+    from drasclr_ext.data.phantom import _paint_capsules
+
+    grid, shape = _capsule_grid(spacing)
+    centre = grid.to_mm(np.array(shape, float) // 2)
+    small = np.zeros(shape, np.float32)
+    _paint_capsules(small, grid, centre[None], centre[None], np.array([0.75]))
+    assert small.max() == pytest.approx(centre_fraction, abs=0.02)
+    assert small[tuple(np.array(shape) // 2)] == small.max()
+    capsule = np.zeros(shape, np.float32)
+    _paint_capsules(capsule, grid, centre[None] - [8.0, 0, 0], centre[None] + [8.0, 0, 0], np.array([2.0]))
+    volume = np.pi * 2.0**2 * 16.0 + 4.0 / 3.0 * np.pi * 2.0**3  # cylinder + two half balls, mm^3
+    assert capsule.sum() * np.prod(spacing) == pytest.approx(volume, rel=0.06)
+    # its 4 mm wide core fills whole 1 mm voxels, and 4/5 of a 5 mm slab
+    assert capsule.max() == pytest.approx(min(1.0, 4.0 / spacing[2]), abs=0.02)
+
+
+def test_thick_slice_centrilobular_labels_mark_mostly_lucent_voxels():
+    """Lesion labels follow what the scanner sees: in 6 mm slices, voxels labelled centrilobular are mostly
+    destroyed (below the midpoint between normal lung and the -992 HU lucencies)."""
+    out = generate_phantom(
+        4, shape=(168, 168, 50), spacing=(2.0, 2.0, 6.0), severity="severe", subtypes="centrilobular"
+    )
+    image, label = out["image"], out["label"]
+    normal = np.median(image[label == 1])
+    assert np.median(image[label == 2]) < (normal - 992.0) / 2.0
+    assert np.count_nonzero(label == 2) > 0.1 * np.count_nonzero(label > 0)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.transforms import ClassesToIndicesd
 
 from drasclr_ext.checkpoint import load_official_encoder, load_pretrained_encoder
@@ -226,29 +225,38 @@ def test_the_lung_window_predictor_runs_the_network_on_lung_windows_only():
     assert torch.all(out[[0, 2]] == 0) and torch.allclose(out[1], torch.full_like(out[1], 0.25))
 
 
-def test_monai_sliding_window_with_the_lung_predictor_blends_overlaps():
-    """Two overlapping windows with different constant outputs: the overlap is a weighted mean of both."""
+class Constant(torch.nn.Module):
+    """Class 0 for windows whose first image voxel is negative, class 3 for the others (steep logits)."""
 
-    class Constant(torch.nn.Module):
-        num_classes = 4
+    num_classes = 4
 
-        def forward(self, x):
-            p = torch.zeros(x.shape[0], 4, *x.shape[2:])
-            first = x[:, 0, 0, 0, 0] < 0  # the image channel tells the windows apart
-            p[first, 0], p[~first, 3] = 10.0, 10.0
-            return p
+    def forward(self, x):
+        p = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        first = x[:, 0, 0, 0, 0] < 0
+        p[first, 0], p[~first, 3] = 10.0, 10.0
+        return p
 
-    inputs = torch.zeros(1, 5, 32, 32, 48)
-    inputs[:, 0, :, :, :16] = -1.0  # the windows start at z 0 and 16: their first voxel tells them apart
-    inputs[:, 0, :, :, 16:] = 1.0
-    inputs[:, 4] = 1.0
-    out = sliding_window_inference(inputs, 32, 2, LungWindowPredictor(Constant()), overlap=0.5, mode="gaussian")[0]
-    top = torch.softmax(torch.tensor([10.0, 0.0, 0.0, 0.0]), 0)[0]
-    torch.testing.assert_close(out[0, :, :, :16], torch.full((32, 32, 16), float(top)))  # first window only
-    torch.testing.assert_close(out[3, :, :, 32:], torch.full((32, 32, 16), float(top)))  # second window only
-    torch.testing.assert_close(out.sum(0), torch.ones(32, 32, 48))
-    middle = out[0, 16, 16, 16:32]
-    assert torch.all(middle[1:] < middle[:-1])  # the first window's share falls towards the second's centre
+
+def test_overlapping_windows_are_blended_with_gaussian_weights():
+    """Two windows (z 0..31 and 16..47) with different answers: each alone where it alone covers, and in the overlap
+    a mix weighted towards the nearer window centre, more sharply for a smaller sigma."""
+    image = np.ones((32, 32, 48), np.float32)
+    image[:, :, :16] = -1.0  # the windows start at z 0 and 16: their first voxel tells them apart
+    grid = _grid((32, 32, 48))
+    grid.image = image
+    top = float(torch.softmax(torch.tensor([10.0, 0.0, 0.0, 0.0]), 0)[0])
+    first = {}
+    for sigma in (0.125, 0.5):
+        out, windows = DenseSubtypeInferer(Constant(), window=32, overlap=0.5, sigma_scale=sigma).predict(grid)
+        assert windows == 2
+        np.testing.assert_allclose(out[0, :, :, :16], top, rtol=1e-5)  # the first window only
+        np.testing.assert_allclose(out[3, :, :, 32:], top, rtol=1e-5)  # the second window only
+        np.testing.assert_allclose(out.sum(0), 1.0, rtol=1e-5)
+        middle = out[0, 16, 16, 16:32]
+        assert np.all(np.diff(middle) < 0)  # the first window's share falls towards the second's centre
+        first[sigma] = middle
+    assert first[0.125][0] > 0.9 * top and first[0.125][-1] < 0.1 * top  # a narrow Gaussian: nearly one window
+    assert first[0.5][0] < first[0.125][0] and first[0.5][-1] > first[0.125][-1]  # a wide one mixes more
 
 
 # --------------------------------------------------------------------------------------------------- the loss
