@@ -150,7 +150,6 @@ class LungWindowPredictor:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         has_lung = batch[:, 4].flatten(1).amax(1) > 0
-        out = None
         if bool(has_lung.any()):
             with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.network(batch[has_lung, :4])
