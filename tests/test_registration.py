@@ -115,3 +115,40 @@ def test_block_average_does_not_depend_on_the_memory_order():
     np.testing.assert_array_equal(c, f)
     np.testing.assert_array_equal(c_affine, f_affine)
     assert c.shape == (7, 5, 8) and np.isclose(c.mean(), 0.4, atol=0.05)
+
+
+def test_moments_method_recovers_a_scaling_and_shift_without_itk(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "itk", None)  # `import itk` fails: the moments method must not need it
+    registration._itk_classes.cache_clear()
+    atlas = load_atlas("default")
+    truth = np.diag([1.08, 0.93, 1.05, 1.0])
+    truth[:3, 3] = [12.0, -6.0, 25.0]
+    mask, affine = _subject_from_atlas(atlas, truth)
+    result = AtlasRegistration(atlas, method="moments")(mask, affine)
+    centres = apply_affine(atlas.affine, atlas.centres_voxel)
+    error = np.linalg.norm(apply_affine(result.atlas_to_subject, centres) - apply_affine(truth, centres), axis=1)
+    assert error.max() < 2.0 and result.dice > 0.9 and result.stop_condition == "moments"
+    with pytest.raises(RegistrationError):
+        AtlasRegistration(atlas)(mask, affine)  # the ITK method reports the missing ITK as our error
+    registration._itk_classes.cache_clear()
+
+
+def test_moments_method_agrees_with_itk_on_a_phantom():
+    from drasclr_ext.data.phantom import generate_phantom
+
+    phantom = generate_phantom(3, resolution_scale=3.0)
+    atlas = load_atlas("default")
+    itk_result = AtlasRegistration(atlas)(phantom["lung_mask"], phantom["affine"])
+    moments = AtlasRegistration(atlas, method="moments")(phantom["lung_mask"], phantom["affine"])
+    points = apply_affine(atlas.affine, np.argwhere(atlas.mask[::4, ::4, ::4]) * 4)
+    gap = np.linalg.norm(
+        apply_affine(itk_result.atlas_to_subject, points) - apply_affine(moments.atlas_to_subject, points), axis=1
+    )
+    assert gap.mean() < 1.5, gap.mean()
+
+
+def test_unknown_registration_method_is_refused():
+    with pytest.raises(ValueError, match="moments"):
+        AtlasRegistration("default", method="demons")

@@ -41,7 +41,15 @@ from drasclr_ext.transforms.atlas_grid import atlas_grid
 from drasclr_ext.transforms.io import subject_name
 from drasclr_ext.transforms.registration import _array_and_affine
 
-__all__ = ["LabelledGridDataset", "LoadLabelMapd", "PreprocessedSubjects", "labelled_grid", "labelled_subjects"]
+__all__ = [
+    "LabelledGridDataset",
+    "LoadLabelMapd",
+    "PreprocessedSubjects",
+    "labelled_grid",
+    "labelled_subjects",
+    "load_grid",
+    "save_grid",
+]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -190,6 +198,33 @@ def labelled_grid(data: Mapping[str, Any], atlas: Any = "default", margin: int =
     }
 
 
+def save_grid(folder: PathLike, grid: Mapping[str, Any], info: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write a :func:`labelled_grid` result to ``folder`` (``image.npy`` float16, ``label.npy``, ``grid.json``), each
+    file atomically; ``done.json`` (with ``info``) is written last and marks the grid complete."""
+    folder = Path(folder)
+    atomic_save_npy(folder / "image.npy", np.asarray(grid["image"])[0].astype(np.float16))
+    atomic_save_npy(folder / "label.npy", np.asarray(grid["label"])[0].astype(np.uint8))
+    facts = {k: np.asarray(grid[k]).tolist() for k in ("world_to_atlas", "location_scale")}
+    facts["affine"] = np.asarray(grid["image"].affine).tolist()
+    atomic_write_json(folder / "grid.json", facts)
+    atomic_write_json(folder / "done.json", {**dict(info or {}), "shape": list(grid["image"].shape)})
+    return folder
+
+
+def load_grid(folder: PathLike) -> dict[str, Any]:
+    """A grid written by :func:`save_grid`: ``image`` (float16) and ``label`` (uint8) (1, X, Y, Z) MetaTensors with
+    the grid's affine, ``world_to_atlas`` and ``location_scale``."""
+    folder = Path(folder)
+    facts = json.loads((folder / "grid.json").read_text())
+    affine = torch.as_tensor(facts["affine"], dtype=torch.float64)
+    return {
+        "image": MetaTensor(torch.from_numpy(np.load(folder / "image.npy"))[None], affine=affine),
+        "label": MetaTensor(torch.from_numpy(np.load(folder / "label.npy"))[None], affine=affine),
+        "world_to_atlas": np.asarray(facts["world_to_atlas"]),
+        "location_scale": np.asarray(facts["location_scale"]),
+    }
+
+
 class LabelledGridDataset(Dataset):
     """Training subjects on their 1 mm atlas grids, for random windows (MONAI's ``RandCropByLabelClassesd``).
 
@@ -247,25 +282,12 @@ class LabelledGridDataset(Dataset):
     def _subject_grid(self, subject: Mapping[str, Any]) -> dict[str, Any]:
         folder = self.cache_dir / f"{subject['subject']}_{_cache_key(subject, self.settings)}"
         if not (folder / "done.json").is_file():
-            g = labelled_grid(self.preprocessing(dict(subject)), self.atlas, min_size=self.window)
-            atomic_save_npy(folder / "image.npy", g["image"].numpy()[0].astype(np.float16))
-            atomic_save_npy(folder / "label.npy", g["label"].numpy()[0])
-            grid = {k: np.asarray(g[k]).tolist() for k in ("world_to_atlas", "location_scale")}
-            grid["affine"] = g["image"].affine.tolist()
-            atomic_write_json(folder / "grid.json", grid)
-            atomic_write_json(folder / "done.json", {"subject": subject["subject"], "shape": list(g["image"].shape)})
-        grid = json.loads((folder / "grid.json").read_text())
-        affine = torch.as_tensor(grid["affine"], dtype=torch.float64)
-        label = np.load(folder / "label.npy")
-        if not np.any(label > 0):
+            grid = labelled_grid(self.preprocessing(dict(subject)), self.atlas, min_size=self.window)
+            save_grid(folder, grid, {"subject": subject["subject"]})
+        item = load_grid(folder)
+        if not torch.any(item["label"] > 0):
             raise InputImageError(f"{subject['label']}: no labelled lung voxel on the atlas grid")
-        item = {
-            "subject": subject["subject"],
-            "image": MetaTensor(torch.from_numpy(np.load(folder / "image.npy"))[None], affine=affine),
-            "label": MetaTensor(torch.from_numpy(label)[None], affine=affine),
-            "world_to_atlas": np.asarray(grid["world_to_atlas"]),
-            "location_scale": np.asarray(grid["location_scale"]),
-        }
+        item["subject"] = subject["subject"]
         return self._indices(item)
 
     def class_balance(self) -> dict[str, float]:

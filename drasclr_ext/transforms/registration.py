@@ -261,6 +261,9 @@ class AtlasRegistration(Transform):
         scale_range: singular values of the linear part outside this range raise :class:`RegistrationError`.
         threads: ITK threads.
         seed: seed of the metric sampling (registration is deterministic given the seed and threads).
+        method: ``"itk"`` (the affine mask registration) or ``"moments"``: match the centroid and the spread along
+            each world axis of the two lung masks (no rotation or shear, no ITK; for machines without ITK, e.g.
+            building training grids of phantoms, where it agrees with ``"itk"`` to well under 1 mm).
 
     ``__call__(mask, affine=None)``: a (X, Y, Z) or (1, X, Y, Z) lung mask (MetaTensor with its affine, or an array
     with ``affine``), returns a :class:`RegistrationResult`.
@@ -279,7 +282,11 @@ class AtlasRegistration(Transform):
         scale_range: tuple[float, float] = (0.5, 2.0),
         threads: int = 2,
         seed: int = 0,
+        method: str = "itk",
     ) -> None:
+        if method not in ("itk", "moments"):
+            raise ValueError(f"unknown registration method {method!r}: use 'itk' or 'moments'")
+        self.method = method
         self.atlas = load_atlas(atlas, atlas_path)
         self.grid_mm = float(grid_mm)
         self.shrink_factors = [int(s) for s in shrink_factors]
@@ -313,7 +320,8 @@ class AtlasRegistration(Transform):
         fixed_array, fixed_affine = self.atlas_grid
         moving_array, moving_affine = block_average(array, affine, self.grid_mm)
         try:
-            matrix, metric, iterations, stop = self._register(fixed_array, fixed_affine, moving_array, moving_affine)
+            register = _moment_match if self.method == "moments" else self._register
+            matrix, metric, iterations, stop = register(fixed_array, fixed_affine, moving_array, moving_affine)
         except RegistrationError:
             raise
         except Exception as e:  # ITK raises RuntimeError with a long text: keep its first line
@@ -420,6 +428,32 @@ class AtlasRegistration(Transform):
             int(optimizer.GetCurrentIteration()),
             str(optimizer.GetStopConditionDescription()),
         )
+
+
+def _moments(fraction: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid and standard deviation along each world axis (mm) of a lung-fraction map."""
+    weight = fraction.ravel().astype(np.float64)
+    if not weight.sum() > 0:
+        raise RegistrationError("the lung mask is empty on the registration grid; check the lung mask")
+    idx = np.stack(np.meshgrid(*(np.arange(n) for n in fraction.shape), indexing="ij"), -1).reshape(-1, 3)
+    points = apply_affine(affine, idx[weight > 0])
+    weight = weight[weight > 0]
+    centre = np.average(points, axis=0, weights=weight)
+    spread = np.sqrt(np.average((points - centre) ** 2, axis=0, weights=weight))
+    return centre, spread
+
+
+def _moment_match(
+    fixed_array: np.ndarray, fixed_affine: np.ndarray, moving_array: np.ndarray, moving_affine: np.ndarray
+) -> tuple[np.ndarray, float, int, str]:
+    """Atlas (fixed) -> subject (moving) affine matching centroids and per-axis spreads (RAS world)."""
+    fixed_centre, fixed_spread = _moments(fixed_array, fixed_affine)
+    moving_centre, moving_spread = _moments(moving_array, moving_affine)
+    scale = moving_spread / np.maximum(fixed_spread, 1e-6)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.diag(scale)
+    matrix[:3, 3] = moving_centre - scale * fixed_centre
+    return matrix, float("nan"), 0, "moments"
 
 
 def _array_and_affine(mask: Any, affine: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
