@@ -13,6 +13,8 @@ from drasclr_ext.fileio import atomic_write, sha256sum
 from drasclr_ext.networks.encoder import DrasCLREncoder
 
 __all__ = [
+    "compact_state",
+    "compact_weights_file",
     "convert_official_checkpoint",
     "encoder_config",
     "encoder_from_state",
@@ -221,6 +223,33 @@ def load_pretrained_encoder(
         )
     _load_checked(encoder, path, bundle_root, "the network's encoder")
     return network
+
+
+def compact_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with float32/float64 tensors stored as float16 (half the file; loading casts them back into the
+    network's float32 parameters). Other dtypes (BatchNorm counters) are kept.
+
+    Raises:
+        CheckpointError: a value is not finite or does not fit float16 (|x| > 65504).
+    """
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != torch.float16:
+            if not bool(torch.isfinite(value).all()) or float(value.abs().max()) > torch.finfo(torch.float16).max:
+                raise CheckpointError(f"{key} has values that float16 cannot hold; keep this checkpoint in float32")
+            value = value.to(torch.float16)
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def compact_weights_file(path: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> str:
+    """Rewrite the weights file ``path`` with :func:`compact_state` (atomically) and return its new sha256; with
+    ``bundle_root`` the bundle's ``large_files.yml`` records it."""
+    state = safe_torch_load(path)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors; nothing to compact")
+    save_atomic(compact_state(state), path)
+    return record_large_file(bundle_root, path) if bundle_root is not None else sha256sum(path)
 
 
 def record_large_file(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str:

@@ -67,11 +67,13 @@ REQUIRED_FILES = (
     "configs/inference.json",
     "configs/logging.conf",
     "docs/README.md",
+    "docs/data_license.txt",
     "LICENSE",
     "models/model.pt",
     "large_files.yml",
 )
 MODEL = "models/model.pt"
+MAX_FILE_BYTES = 25 * 2**20  # the MONAI model zoo's limit per file
 TORCHSCRIPT = "models/model.ts"
 SCHEMA_NAME = "meta_schema_20240725.json"
 # top-level folders that running a bundle writes (outputs, downloaded data and atlas, logs): never shipped
@@ -207,6 +209,17 @@ def _check_large_file_hashes(bundle: Path, shipped: Sequence[str]) -> None:
             )
 
 
+def _check_file_sizes(bundle: Path, shipped: Sequence[str]) -> None:
+    """Every shipped file fits the model zoo's limit (:data:`MAX_FILE_BYTES`)."""
+    large = [f"{rel} ({(bundle / rel).stat().st_size / 2**20:.1f} MiB)" for rel in shipped]
+    large = [entry for rel, entry in zip(shipped, large) if (bundle / rel).stat().st_size > MAX_FILE_BYTES]
+    if large:
+        raise DistributionError(
+            f"{bundle}: {', '.join(large)} exceed the model zoo's {MAX_FILE_BYTES // 2**20} MiB per file; store "
+            "weights in float16 (drasclr_ext.checkpoint.compact_weights_file) or fetch them through large_files.yml"
+        )
+
+
 def _check_network(bundle: Path) -> None:
     from monai.bundle import verify_net_in_out
 
@@ -252,7 +265,9 @@ def check_bundle(bundle: PathLike, schema: PathLike | None = None) -> str:
         raise DistributionError(f"bundle folder {bundle} does not exist")
     _check_required_files(bundle)
     version = _check_metadata(bundle, _resolve_schema(schema))
-    _check_large_file_hashes(bundle, release_files(bundle))
+    shipped = release_files(bundle)
+    _check_large_file_hashes(bundle, shipped)
+    _check_file_sizes(bundle, shipped)
     _check_network(bundle)
     return version
 

@@ -18,7 +18,7 @@ from drasclr_ext.atlas import DRASCLR_ATLAS_CORNERS_SHA256, DRASCLR_ATLAS_MASK_S
 from drasclr_ext.checkpoint import sha256sum
 from drasclr_ext.fileio import atomic_write_bytes
 
-DRASCLR_ATLAS_URL = "https://raw.githubusercontent.com/batmanlab/DrasCLR/main/misc"
+DRASCLR_ATLAS_URL = "https://raw.githubusercontent.com/batmanlab/DrasCLR/main/preprocess/misc"
 
 
 def large_files(bundle: Path, weights_url: str = "", pretrained_url: str = "") -> dict:

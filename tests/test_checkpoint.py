@@ -122,3 +122,55 @@ def test_truncated_and_tampered_files(reference_fixture_dir, tmp_path):
         load_official_encoder(reference_fixture_dir / "checkpoint_0020.pth.tar", expected_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_official_encoder(tmp_path / "missing.pt")
+
+
+def _segnet_with_statistics(seed: int = 0):
+    """A small DrasCLRSegNet with non-trivial BatchNorm statistics (a few forward passes in training mode)."""
+    from drasclr_ext.networks.segmentation import DrasCLRSegNet
+
+    torch.manual_seed(seed)
+    net = DrasCLRSegNet(rep_dim=32, moco_dim=32, num_experts=2, decoder_channels=(16, 8, 8, 8))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 4, 32, 32, 32))
+    return net.eval()
+
+
+def test_compact_weights_halve_the_file_and_keep_the_labels(tmp_path):
+    from drasclr_ext.checkpoint import compact_weights_file, save_atomic
+
+    net = _segnet_with_statistics()
+    path = tmp_path / "model.pt"
+    save_atomic(net.state_dict(), path)
+    size = path.stat().st_size
+    compact_weights_file(path)
+    state = torch.load(path, weights_only=True)
+    assert path.stat().st_size < 0.6 * size
+    assert all(v.dtype == torch.float16 for k, v in state.items() if "num_batches_tracked" not in k)
+    assert state[next(k for k in state if "num_batches_tracked" in k)].dtype == torch.int64
+    half = _segnet_with_statistics(seed=1)
+    half.load_state_dict(state)  # float16 values go into the float32 parameters
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    x = torch.randn(2, 4, 32, 32, 32)
+    with torch.no_grad():
+        agree = (net(x).argmax(1) == half(x).argmax(1)).float().mean()
+    assert agree >= 0.999, agree
+
+
+def test_compact_weights_refuse_values_float16_cannot_hold(tmp_path):
+    from drasclr_ext.checkpoint import compact_state
+
+    with pytest.raises(CheckpointError, match="float16"):
+        compact_state({"w": torch.tensor([1e6])})
+    with pytest.raises(CheckpointError, match="float16"):
+        compact_state({"w": torch.tensor([float("nan")])})
+
+
+def test_shipped_weights_files_fit_the_model_zoo_limit():
+    from pathlib import Path
+
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    files = sorted(bundles.glob("*/models/*.pt"))
+    assert len(files) == 3
+    assert all(f.stat().st_size <= 25 * 2**20 for f in files), [(f.name, f.stat().st_size) for f in files]

@@ -208,6 +208,20 @@ def test_check_bundle_says_what_to_fix(tmp_path):
         check_bundle(bundle, tmp_path / "no_schema.json")
 
 
+def test_check_bundle_wants_the_data_licence_and_files_within_the_zoo_limit(tmp_path, monkeypatch):
+    from drasclr_ext import distribution
+
+    schema = shared_path("schemas", SCHEMA_NAME)
+    bundle = stage_bundle(BUNDLES / SSL, tmp_path / SSL)
+    (bundle / "docs" / "data_license.txt").unlink()
+    with pytest.raises(DistributionError, match="docs/data_license.txt"):
+        check_bundle(bundle, schema)
+    shutil.copyfile(BUNDLES / SSL / "docs" / "data_license.txt", bundle / "docs" / "data_license.txt")
+    monkeypatch.setattr(distribution, "MAX_FILE_BYTES", 10 * 2**20)  # the weights (16.6 MB) are now too large
+    with pytest.raises(DistributionError, match=r"models/model.pt \(15.8 MiB\) exceed .* float16"):
+        check_bundle(bundle, schema)
+
+
 # ------------------------------------------------------------------------------------------------ downloading
 
 
@@ -392,6 +406,29 @@ def test_altered_weights_in_a_downloaded_bundle_fail_inference_with_the_hash(rel
     large = yaml.safe_load((root / "large_files.yml").read_text())["large_files"]
     expected = next(e["hash_val"] for e in large if e["path"] == "models/model.pt")
     assert f"expected {expected}" in str(ours) and "download it again" in str(ours)
+
+
+def test_atlas_urls_follow_the_official_repository_layout(www, server, tmp_path):
+    """The atlas entries of large_files.yml, with only the host mapped to a local mirror laid out like
+    raw.githubusercontent.com/batmanlab/DrasCLR/main/ (the files are in preprocess/misc/ there), download and pass
+    their hash check."""
+    atlas = shared_path("data", "drasclr_atlas")
+    for name in (EMPHYSEMA, SSL):
+        root = stage_bundle(BUNDLES / name, tmp_path / name)
+        entries = []
+        for entry in yaml.safe_load((root / "large_files.yml").read_text())["large_files"]:
+            if entry["path"].startswith("data/"):
+                url = entry["url"]
+                assert url.startswith("https://raw.githubusercontent.com/batmanlab/DrasCLR/main/preprocess/misc/")
+                mirrored = www / "mirror" / url.removeprefix("https://raw.githubusercontent.com/")
+                mirrored.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(atlas / Path(entry["path"]).name, mirrored)
+                entries.append({**entry, "url": url.replace("https://raw.githubusercontent.com", f"{server}/mirror")})
+        assert len(entries) == 2
+        (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
+        run_bundle_cli([PYTHON, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path)
+        for entry in entries:
+            assert sha256sum(root / entry["path"]) == entry["hash_val"]
 
 
 def test_download_large_files_fetches_the_weights_and_checks_their_hash(releases, server, www, tmp_path):

@@ -148,7 +148,7 @@ class PreprocessedSubjects(Dataset):
     """Subjects after the bundle's preprocessing (run once, kept in memory), for validation and evaluation.
 
     Args:
-        subjects: entries ``{"image", "label", "subject"}`` (see :func:`labelled_subjects`).
+        data: entries ``{"image", "label", "subject"}`` (see :func:`labelled_subjects`).
         preprocessing: dict -> dict callable (reading, label map, lung mask, registration).
         failures_file: where to list the subjects that failed (``failures.csv``), if anywhere.
         progress: show a progress bar.
@@ -156,12 +156,12 @@ class PreprocessedSubjects(Dataset):
 
     def __init__(
         self,
-        subjects: Sequence[Mapping[str, Any]],
+        data: Sequence[Mapping[str, Any]],
         preprocessing: Callable[[dict], dict],
         failures_file: Optional[PathLike] = None,
         progress: bool = True,
     ) -> None:
-        self.items, self.failures = _run_subjects(subjects, lambda s: preprocessing(dict(s)), "preprocessing", progress)
+        self.items, self.failures = _run_subjects(data, lambda s: preprocessing(dict(s)), "preprocessing", progress)
         if failures_file is not None and self.failures:
             write_failures(failures_file, self.failures)
 
@@ -236,7 +236,7 @@ class LabelledGridDataset(Dataset):
     random crops and augmentation of ``train.json``); the length is ``n * repeats``.
 
     Args:
-        subjects: entries ``{"image", "label", "subject"}`` (see :func:`labelled_subjects`).
+        data: entries ``{"image", "label", "subject"}`` (see :func:`labelled_subjects`).
         preprocessing: dict -> dict callable producing ``image``, ``label``, ``lung_mask`` and ``registration``.
         cache_dir: where the grids are cached.
         atlas: the registration's atlas (name or :class:`~drasclr_ext.atlas.Atlas`).
@@ -249,7 +249,7 @@ class LabelledGridDataset(Dataset):
 
     def __init__(
         self,
-        subjects: Sequence[Mapping[str, Any]],
+        data: Sequence[Mapping[str, Any]],
         preprocessing: Callable[[dict], dict],
         cache_dir: PathLike,
         atlas: Any = "default",
@@ -269,12 +269,12 @@ class LabelledGridDataset(Dataset):
         self.repeats = max(1, int(repeats))
         self.settings = {"atlas": getattr(self.atlas, "name", str(atlas)), "window": self.window}
         self._indices = ClassesToIndicesd("label", num_classes=5, max_samples_per_class=int(max_samples_per_class))
-        self.items, self.failures = _run_subjects(subjects, self._subject_grid, "training grids", progress)
+        self.items, self.failures = _run_subjects(data, self._subject_grid, "training grids", progress)
         if self.failures:
             write_failures(self.cache_dir / "failures.csv", self.failures)
         if not self.items:
             raise DrasCLRError(
-                f"none of the {len(subjects)} training subjects could be prepared (see "
+                f"none of the {len(data)} training subjects could be prepared (see "
                 f"{self.cache_dir / 'failures.csv'}); check the datalist's image and label paths"
             )
         self.subjects = [item["subject"] for item in self.items]
