@@ -56,9 +56,20 @@ def safe_torch_load(path: str | os.PathLike, expected_sha256: str | None = None)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zips, forbidden globals
         raise CheckpointError(
-            f"could not read checkpoint {path} with weights_only=True ({type(exc).__name__}: {exc}). "
-            "It is truncated, not a PyTorch checkpoint, or holds arbitrary Python objects we refuse to unpickle"
-        ) from exc
+            f"could not read checkpoint {path} with weights_only=True ({_load_failure(exc)}). It is truncated, not a "
+            "PyTorch checkpoint, or holds Python objects other than tensors, which are never unpickled: they could "
+            "run arbitrary code. Give a state dict saved with torch.save, or convert the file where it came from"
+        ) from None  # torch's own message advises weights_only=False, the unsafe step: not shown
+
+
+def _load_failure(exc: BaseException) -> str:
+    """The specific reason of a ``torch.load(weights_only=True)`` failure, without torch's advice to unpickle."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    first = (text.strip().splitlines() or [""])[0].split(" Please ")[0].split(" Re-running ")[0].strip()
+    return type(exc).__name__ if not first or "weights_only" in first else f"{type(exc).__name__}: {first}"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import fire
+
+from drasclr_ext.errors import debug_enabled, error_message, our_error
 
 
 def phantom(out: str, n: int = 4, seed: int = 0, **kwargs):
@@ -73,18 +77,26 @@ def package(out: str, bundles: str | list | None = None, bundles_dir: str = "bun
     print(format_summary(package_bundles(bundles_dir, out, names=names, schema=schema)))
 
 
-def main() -> None:
-    fire.Fire(
-        {
-            "phantom": phantom,
-            "preprocess": preprocess,
-            "convert_checkpoint": convert_checkpoint,
-            "demo": demo,
-            "download": download,
-            "package": package,
-        },
-        name="drasclr",
-    )
+COMMANDS = {
+    "phantom": phantom,
+    "preprocess": preprocess,
+    "convert_checkpoint": convert_checkpoint,
+    "demo": demo,
+    "download": download,
+    "package": package,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a command; our errors end it with their message and exit status 1 (the traceback with DRASCLR_DEBUG=1)."""
+    try:
+        fire.Fire(COMMANDS, command=argv, name="drasclr")
+    except Exception as exc:
+        ours = our_error(exc)
+        if ours is None or debug_enabled():
+            raise
+        print(error_message(ours), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

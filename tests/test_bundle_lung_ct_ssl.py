@@ -146,6 +146,8 @@ def test_embeddings_of_a_phantom_and_the_real_ct(tmp_path, lung_ct_dir):
         np.testing.assert_allclose(np.load(out / subject / "patient_embedding.npy"), patches.mean(0), rtol=1e-5)
         assert manifest["files"]["patch_embeddings"]["shape"] == [n, 128]
         assert manifest["registration_dice"] > 0.5
+    real = json.loads((out / lung_ct_dir.name / "manifest.json").read_text())
+    assert [flag["flag"] for flag in real["quality"]] == ["thick_slices"]  # 5 mm slices
     with open(out / "failures.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["subject"] for row in rows] == ["broken"]

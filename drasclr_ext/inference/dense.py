@@ -30,9 +30,10 @@ from monai.inferers import sliding_window_inference
 from drasclr_ext import __version__
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
-from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json
+from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json, check_finite, prepare_output_dir
 from drasclr_ext.metrics.emphysema import emphysema_report
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
+from drasclr_ext.quality import scan_quality
 from drasclr_ext.transforms.atlas_grid import AtlasGrid, atlas_grid
 from drasclr_ext.transforms.patches import _memory_layout, mask_bounding_box, resample_affine
 from drasclr_ext.transforms.registration import _array_and_affine
@@ -276,6 +277,7 @@ def save_probabilities(prob: Any, affine: np.ndarray, path: Union[str, Path]) ->
     import nibabel as nib
 
     array = prob.detach().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
+    check_finite(array, path)
     # NIfTI's own (Fortran) order, filled a few slices at a time: no full-size float temporary, no transposed write
     data = np.empty((*array.shape[1:], array.shape[0]), dtype=np.uint8, order="F")
     slab = 8
@@ -395,6 +397,7 @@ class DenseSubtypeWriter:
         }
         report.update(emphysema_report(hu, lung, affine, label))
         report["acquisition"] = _acquisition(image, affine, hu.shape)
+        report["quality"] = scan_quality(image, affine)
         report["registration_dice"] = getattr(registration, "dice", None)
         report["dense"] = data.get("dense_info", {})
         report["model"] = self.model_info
@@ -436,6 +439,7 @@ def dataset_or_phantom(
     the bundle runs on a fresh machine without data."""
     if dataset_dir:
         return dataset_dir
+    prepare_output_dir(output_dir)  # a bad output directory is a run-level error, stated before any work
     import nibabel as nib
 
     from drasclr_ext.data.phantom import generate_phantom

@@ -10,6 +10,7 @@ import torch
 
 from drasclr_ext import __version__
 from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
+from drasclr_ext.quality import scan_quality
 
 
 class PatchEmbeddingInferer:
@@ -80,15 +81,17 @@ class EmbeddingWriter:
         for key, description in self.FILES.items():
             if key not in data:
                 continue
-            array = np.asarray(data[key], dtype=np.float32)
+            array = np.asarray(data[key], dtype=np.float32)  # atomic_save_npy refuses NaN or infinite values
             atomic_save_npy(subject_dir / f"{key}.npy", array)
             files[key] = {"file": f"{key}.npy", "shape": list(array.shape), "dtype": "float32"}
             files[key]["description"] = description
         registration = data.get("registration")
+        image = data.get("image")
         manifest = {
             "subject": data.get("subject", subject_dir.name),
-            "input": str(getattr(data.get("image"), "meta", {}).get("filename_or_obj", data.get("image_path", ""))),
+            "input": str(getattr(image, "meta", {}).get("filename_or_obj", data.get("image_path", ""))),
             "files": files,
+            "quality": scan_quality(image) if hasattr(image, "affine") else [],
             "registration_dice": getattr(registration, "dice", None),
             "drasclr_ext_version": __version__,
             "model": self.model_info,

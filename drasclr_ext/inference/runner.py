@@ -13,25 +13,17 @@ from typing import Any, Callable, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.fileio import atomic_write_bytes, atomic_write_json
+from drasclr_ext.errors import DrasCLRError, our_error
+from drasclr_ext.fileio import OutputLock, atomic_write_bytes, atomic_write_json
 from drasclr_ext.preprocess.cohort import read_datalist
-from drasclr_ext.transforms.io import subject_name
+from drasclr_ext.transforms.io import subject_names
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 FAILURES_FILE = "failures.csv"
+FAILURE_FIELDS = ("subject", "input", "error", "reason")  # the one failures.csv schema of every cohort command
 
-
-def our_error(exc: BaseException) -> DrasCLRError | None:
-    """Our ``DrasCLRError`` behind ``exc``: MONAI's ``Compose`` wraps transform errors in a ``RuntimeError``."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DrasCLRError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+__all__ = ["FAILURES_FILE", "FAILURE_FIELDS", "CohortRunner", "failure_row", "our_error", "write_failures"]
 
 
 def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]:
@@ -50,9 +42,9 @@ def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]
 def write_failures(path: PathLike, failures: Sequence[dict[str, str]]) -> Path:
     """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["subject", "input", "error", "reason"])
+    writer = csv.DictWriter(buffer, fieldnames=list(FAILURE_FIELDS), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(failures)
+    writer.writerows({key: row.get(key, "") for key in FAILURE_FIELDS} for row in failures)
     return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
@@ -63,6 +55,10 @@ class CohortRunner:
     ``writer(data, output_dir / name)``. The writer writes ``done_file`` last; subjects that have it are skipped
     (resumable). A scan that fails (our ``DrasCLRError`` or anything unexpected) is listed with its reason in
     ``output_dir/failures.csv`` and the cohort goes on; ``output_dir/summary.json`` sums up the run.
+
+    Before any scan is computed the run checks the dataset (not empty, no two inputs with one subject name) and the
+    output directory (writable), and locks it (:class:`~drasclr_ext.fileio.OutputLock`); a problem stops it with a
+    ``DrasCLRError``.
 
     Args:
         dataset: a folder of scans (image files or DICOM series folders), a MONAI datalist JSON, or a list of paths.
@@ -106,11 +102,14 @@ class CohortRunner:
             raise DrasCLRError(
                 f"no scans found in {self.dataset}: give a folder of CT files or DICOM folders, or a datalist JSON"
             )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        names = subject_names(scans)
+        with OutputLock(self.output_dir):
+            return self._run(scans, names)
+
+    def _run(self, scans: Sequence[Path], names: Sequence[str]) -> dict[str, Any]:
         done, skipped, failures = [], [], []
         start = time.perf_counter()
-        for path in tqdm(scans, desc="subjects", unit="scan", disable=not self.progress):
-            name = subject_name(path)
+        for path, name in tqdm(list(zip(scans, names)), desc="subjects", unit="scan", disable=not self.progress):
             subject_dir = self.output_dir / name
             if not self.overwrite and (subject_dir / self.done_file).is_file():
                 skipped.append(name)

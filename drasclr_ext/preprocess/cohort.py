@@ -16,9 +16,8 @@ store (:mod:`drasclr_ext.data.patch_store`).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,10 +27,11 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.fileio import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from drasclr_ext.fileio import OutputLock, atomic_save_npy, atomic_write_json
 
 __all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
 
+logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 FAILURES_FILE = "failures.csv"
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -49,6 +49,13 @@ def read_datalist(datalist: PathLike) -> list[Path]:
         scans += [p for p in entries if p.is_dir() and any(c.is_file() for c in p.iterdir())]
         if not scans and any(p.is_file() for p in entries):
             scans = [src]  # the folder itself is one DICOM series
+        ignored = [p.name for p in entries if p not in scans and src not in scans]
+        if ignored:
+            logger.warning(
+                f"{src}: ignoring {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} that are neither a "
+                f"CT file ({', '.join(_IMAGE_SUFFIXES)}) nor a folder of DICOM files: {', '.join(ignored[:10])}"
+                + (", ..." if len(ignored) > 10 else "")
+            )
         return sorted(scans)
     if not src.is_file():
         raise DrasCLRError(f"datalist {src} does not exist; give a MONAI datalist JSON or a folder of scans")
@@ -120,6 +127,7 @@ def preprocess_subject(
 
     Raises whatever fails (``DrasCLRError`` subclasses for bad input or a failed registration).
     """
+    from drasclr_ext.quality import scan_quality
     from drasclr_ext.transforms.io import load_ct, save_like, subject_name
     from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml
 
@@ -127,7 +135,7 @@ def preprocess_subject(
     subject = subject or subject_name(path)
     subject_dir = Path(out) / subject
     if (subject_dir / "meta.json").is_file() and not overwrite:
-        return {"subject": subject, "status": "skipped", "path": str(path)}
+        return {"subject": subject, "status": "skipped", "input": str(path)}
     timings: dict[str, float] = {}
     t = time.perf_counter()
     image = load_ct(path)
@@ -136,7 +144,7 @@ def preprocess_subject(
     timings["read_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    lung = compute_lung_mask(hu, affine)
+    lung = compute_lung_mask(hu, affine, name=str(path))
     timings["lung_mask_s"] = time.perf_counter() - t
 
     registration, patcher = _pipeline(atlas, atlas_path, k)
@@ -165,6 +173,7 @@ def preprocess_subject(
         "spacing_mm": np.asarray(image.meta.get("spacing", np.linalg.norm(affine[:3, :3], axis=0))).tolist(),
         "affine": affine.tolist(),
         "acquisition": image.meta.get("acquisition"),
+        "quality": scan_quality(image),
         "lung_volume_ml": lung_volumes_ml(lung, affine),
         "atlas": registration.atlas.name,
         "num_landmarks": registration.atlas.num_landmarks,
@@ -181,7 +190,7 @@ def preprocess_subject(
         "versions": _versions(),
     }
     atomic_write_json(subject_dir / "meta.json", meta)
-    return {"subject": subject, "status": "done", "path": str(path), "dice": result.dice}
+    return {"subject": subject, "status": "done", "input": str(path), "dice": result.dice}
 
 
 def _run_one(path: str, out: str, atlas: str, atlas_path: Optional[str], k: int, overwrite: bool, subject: str):
@@ -190,18 +199,14 @@ def _run_one(path: str, out: str, atlas: str, atlas_path: Optional[str], k: int,
         return preprocess_subject(path, out, atlas, atlas_path, k, overwrite, subject)
     except Exception as e:  # one bad scan never stops the cohort
         reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
-        return {"subject": subject, "status": "failed", "path": path, "error": type(e).__name__, "reason": reason}
+        return {"subject": subject, "status": "failed", "input": path, "error": type(e).__name__, "reason": reason}
 
 
 def _write_failures(out: Path, failures: list[dict]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["subject", "path", "error", "reason"], lineterminator="\n")
-    writer.writeheader()
-    for f in sorted(failures, key=lambda f: f["subject"]):
-        writer.writerow({key: f.get(key, "") for key in writer.fieldnames})
-    path = out / FAILURES_FILE
-    atomic_write_bytes(path, buffer.getvalue().encode())
-    return path
+    """``failures.csv`` in the schema of every cohort command (see ``drasclr_ext.inference.runner``)."""
+    from drasclr_ext.inference.runner import write_failures
+
+    return write_failures(out / FAILURES_FILE, sorted(failures, key=lambda f: f["subject"]))
 
 
 def preprocess_cohort(
@@ -231,32 +236,26 @@ def preprocess_cohort(
     Returns:
         summary: counts (``total``, ``done``, ``skipped``, ``failed``), ``failures_csv``, ``store``.
     """
-    from tqdm.auto import tqdm
-
     from drasclr_ext.atlas import load_atlas
-    from drasclr_ext.data.patch_store import build_patch_store
-    from drasclr_ext.transforms.io import subject_name
+    from drasclr_ext.transforms.io import subject_names
 
     load_atlas(atlas, atlas_path)  # fail fast on a bad atlas, before touching any scan
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scans = read_datalist(datalist)
-    jobs, failures, seen = [], [], set()
-    for path in scans:
-        name = subject_name(path)
-        if name in seen:
-            failures.append(
-                {
-                    "subject": name,
-                    "path": str(path),
-                    "error": "DrasCLRError",
-                    "reason": f"another scan of the datalist has the subject name {name!r}; rename one of them",
-                }
-            )
-            continue
-        seen.add(name)
-        jobs.append((str(path), str(out), str(atlas), atlas_path, int(k), bool(overwrite), name))
+    if not scans:
+        raise DrasCLRError(f"no scans found in {datalist}: give a folder of CT files or DICOM folders, or a datalist")
+    names = subject_names(scans)
+    jobs = [(str(p), str(out), str(atlas), atlas_path, int(k), bool(overwrite), n) for p, n in zip(scans, names)]
+    with OutputLock(out):
+        return _preprocess_all(jobs, Path(out), workers, build_store, progress)
 
+
+def _preprocess_all(jobs: list[tuple], out: Path, workers: int, build_store: bool, progress: bool) -> dict[str, Any]:
+    """Run the ``_run_one`` jobs (in ``workers`` processes), write ``failures.csv`` and the store; the summary."""
+    from tqdm.auto import tqdm
+
+    from drasclr_ext.data.patch_store import build_patch_store
+
+    failures: list[dict] = []
     results: list[dict] = []
     bar = tqdm(total=len(jobs), desc="preprocess", unit="scan", disable=not progress)
 
@@ -284,7 +283,7 @@ def preprocess_cohort(
     store = build_patch_store(out) if build_store else None
     counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped")}
     return {
-        "total": len(scans),
+        "total": len(jobs),
         "done": counts["done"],
         "skipped": counts["skipped"],
         "failed": len(failures),

@@ -19,8 +19,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from drasclr_ext.errors import InputImageError
-from drasclr_ext.fileio import atomic_write
+from drasclr_ext.errors import DrasCLRError, InputImageError
+from drasclr_ext.fileio import atomic_write, check_finite
 from drasclr_ext.transforms.validate import check_ct_array
 
 PathLike = Union[str, os.PathLike]
@@ -41,6 +41,10 @@ _DICOM_TEXT_TAGS = {
 }
 _DICOM_NUMBER_TAGS = {"slice_thickness": "0018|0050", "kvp": "0018|0060"}
 _DICOM_PIXEL_SPACING = "0028|0030"
+_DICOM_POSITION = "0020|0032"  # ImagePositionPatient, LPS mm of the first voxel of the slice
+_DICOM_ORIENTATION = "0020|0037"  # ImageOrientationPatient, row and column direction cosines
+DUPLICATE_TOLERANCE_MM = 0.01  # two slices closer than this along the normal share one position
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 _READ_ADVICE = "Check that the file is a complete NIfTI/NRRD/MHA or a DICOM series folder"
 
@@ -64,6 +68,23 @@ def subject_name(path: PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return p.stem
+
+
+def subject_names(paths: Sequence[PathLike]) -> list[str]:
+    """``subject_name`` of each path; ``DrasCLRError`` naming the files when two inputs would share one output folder
+    (``scan.nii`` and ``scan.nii.gz``, or two DICOM folders of the same name)."""
+    names = [subject_name(p) for p in paths]
+    groups: dict[str, list[str]] = {}
+    for name, path in zip(names, paths):
+        groups.setdefault(name, []).append(str(path))
+    clashes = {name: files for name, files in groups.items() if len(files) > 1}
+    if clashes:
+        listed = "; ".join(f"{name!r}: {', '.join(files)}" for name, files in list(clashes.items())[:5])
+        raise DrasCLRError(
+            f"{len(clashes)} subject name(s) are shared by several inputs, whose results would overwrite each other "
+            f"({listed}). Rename or remove one of each, or give a datalist without them"
+        )
+    return names
 
 
 def _dicom_header(filename: str) -> dict[str, str]:
@@ -135,6 +156,99 @@ def select_dicom_series(folder: PathLike) -> tuple[list[str], dict[str, str], in
     return best[1], best[2], len(uids)
 
 
+def _floats(text: str, count: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in text.split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.shape == (count,) and np.all(np.isfinite(values)) else None
+
+
+def _slice_tolerance(step: float) -> float:
+    """How far (mm) a slice may sit from its place on an evenly spaced grid: rounding in the headers, no more."""
+    return max(0.01, 0.02 * step)
+
+
+def _describe_spacing_problems(positions: np.ndarray, files: Sequence[str], step: float, name: str) -> str | None:
+    """The reason why the sorted slice positions are not evenly spaced by ``step``, or None when they are."""
+    tol = _slice_tolerance(step)
+    problems, missing, uneven = [], 0, 0
+    for k, gap in enumerate(np.diff(positions)):
+        multiple = int(round(gap / step))
+        where = f"between {positions[k]:.2f} and {positions[k + 1]:.2f} mm ({Path(files[k]).name}, "
+        where += f"{Path(files[k + 1]).name})"
+        if multiple >= 2 and abs(gap - multiple * step) <= tol * multiple:
+            missing += multiple - 1
+            problems.append(f"{multiple - 1} missing {where}")
+        elif abs(gap - step) > tol:
+            uneven += 1
+            problems.append(f"a gap of {gap:.3f} mm {where}")
+    if not problems:
+        return None
+    shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    kind = "the slices are unevenly spaced" if uneven else f"{missing} slice(s) are missing"
+    return (
+        f"{name}: {kind} (slices are {step:.3f} mm apart: {shown}). The series is incomplete or mixes stacks; give "
+        "the complete series (check whether slices were split into another series), or resample it first"
+    )
+
+
+def dicom_slice_geometry(files: Sequence[str], headers: Sequence[Mapping[str, str]], name: str = "") -> tuple:
+    """Slices sorted along their normal, the LPS position of the first, and the LPS step vector between slices.
+
+    The geometry comes from every slice's ImagePositionPatient projected on the normal of ImageOrientationPatient,
+    never from SpacingBetweenSlices or a reader's guess; each slice is checked to lie on one evenly spaced line.
+
+    Returns:
+        (files sorted from the lowest to the highest position along the normal, origin (3,), step vector (3,)).
+
+    Raises:
+        InputImageError: missing position/orientation, mixed orientations, duplicate positions, missing slices,
+            uneven spacing or a gantry tilt.
+    """
+    name = name or "the DICOM series"
+    positions = [_floats(h.get(_DICOM_POSITION, ""), 3) for h in headers]
+    orientations = [_floats(h.get(_DICOM_ORIENTATION, ""), 6) for h in headers]
+    lacking = [Path(f).name for f, p, o in zip(files, positions, orientations) if p is None or o is None]
+    if lacking:
+        raise InputImageError(
+            f"{name}: {len(lacking)} slice(s) lack ImagePositionPatient/ImageOrientationPatient (e.g. {lacking[0]}), "
+            "so their place in the volume is unknown. Give a CT series exported with its geometry"
+        )
+    iop = np.stack(orientations)
+    if np.abs(iop - iop[0]).max() > 1e-3:
+        raise InputImageError(
+            f"{name}: the slices have different orientations (ImageOrientationPatient): the folder mixes stacks "
+            "(e.g. axial and localiser images). Give one axial series"
+        )
+    normal = np.cross(iop[0, :3], iop[0, 3:])
+    normal /= np.linalg.norm(normal)
+    ipp = np.stack(positions)
+    along = ipp @ normal
+    order = np.argsort(along, kind="stable")
+    files, ipp, along = [files[i] for i in order], ipp[order], along[order]
+    gaps = np.diff(along)
+    if np.any(gaps < DUPLICATE_TOLERANCE_MM):
+        k = int(np.argmax(gaps < DUPLICATE_TOLERANCE_MM))
+        raise InputImageError(
+            f"{name}: {int(np.sum(gaps < DUPLICATE_TOLERANCE_MM))} slice(s) share a position with another (e.g. "
+            f"{Path(files[k]).name} and {Path(files[k + 1]).name} at {along[k]:.2f} mm): duplicate slices or two "
+            "acquisitions in one series. Give a series with one slice per position"
+        )
+    reason = _describe_spacing_problems(along, files, float(np.median(gaps)), name)
+    if reason:
+        raise InputImageError(reason)
+    step = (along[-1] - along[0]) / (len(files) - 1)
+    off_line = ipp - ipp[0] - np.outer(along - along[0], normal)  # in-plane shift of each slice
+    if np.abs(off_line).max() > _slice_tolerance(step):
+        raise InputImageError(
+            f"{name}: the slices shift in-plane by up to {np.abs(off_line).max():.2f} mm from one to the next "
+            "(gantry tilt): a volume with square voxels cannot hold them. Resample the series first (e.g. dcm2niix "
+            "corrects gantry tilt)"
+        )
+    return files, ipp[0], step * normal
+
+
 def _read_itk(source: str | list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read with ITK as float32 (GDCM applies rescale slope/intercept); affine converted LPS->RAS by MONAI."""
     import itk
@@ -171,9 +285,12 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     acquisition = empty_acquisition()
     if not path.exists():
         raise InputImageError(f"could not read {path}: it does not exist. Check the path.")
+    geometry = None
     if path.is_dir():
         files, header, n_series = select_dicom_series(path)
         acquisition = acquisition_from_dicom(header, n_series)
+        if len(files) > 1:
+            files, *geometry = dicom_slice_geometry(files, [_dicom_header(f) for f in files], name=str(path))
         source: str | list[str] = files
     else:
         if path.stat().st_size == 0:
@@ -189,6 +306,10 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     except Exception as err:  # readers raise many types (EOFError, RuntimeError, zlib errors, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputImageError(f"could not read {path}: {reason}. {_READ_ADVICE}.") from err
+    if geometry is not None and data.ndim == 3 and data.shape[2] == len(source):
+        affine = affine.copy()  # slice axis and origin from the slice positions (RAS), in-plane axes as read
+        affine[:3, 2] = LPS_TO_RAS @ geometry[1]
+        affine[:3, 3] = LPS_TO_RAS @ geometry[0]
     return data, affine, acquisition
 
 
@@ -260,6 +381,7 @@ def save_like(
     ref_shape = tuple(_spatial_array(reference).shape) if isinstance(reference, torch.Tensor) else None
     if ref_shape is not None and tuple(arr.shape) != ref_shape:
         raise ValueError(f"array shape {tuple(arr.shape)} differs from the reference's {ref_shape}")
+    check_finite(arr, path)
     affine = _affine_of(reference)
     image = nib.Nifti1Image(np.asarray(arr, dtype=dtype), affine)
     image.set_sform(affine, code=1)
@@ -299,9 +421,11 @@ __all__: Sequence[str] = [
     "LoadCT",
     "LoadCTd",
     "acquisition_from_dicom",
+    "dicom_slice_geometry",
     "empty_acquisition",
     "load_ct",
     "save_like",
     "select_dicom_series",
     "subject_name",
+    "subject_names",
 ]

@@ -310,7 +310,11 @@ def fill_lungs(labels: np.ndarray, spacing_c: np.ndarray, axial_axis: int, radiu
 
 
 def compute_lung_mask(
-    hu: np.ndarray, affine: np.ndarray, params: LungMaskParams | None = None, return_airways: bool = False
+    hu: np.ndarray,
+    affine: np.ndarray,
+    params: LungMaskParams | None = None,
+    return_airways: bool = False,
+    name: str = "",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label the lungs of a CT in HU: uint8 (X, Y, Z), 0 background, 1 right lung, 2 left lung.
 
@@ -319,6 +323,7 @@ def compute_lung_mask(
         affine: its 4x4 RAS voxel-to-world affine (decides slice direction and which side is the patient's right).
         params: thresholds and sizes of the pipeline.
         return_airways: also return the removed trachea/main-bronchi mask (bool, input grid).
+        name: the scan's file, named in errors.
 
     Raises:
         InputImageError: when nothing lung-like of at least ``params.min_lung_ml`` is found.
@@ -359,9 +364,9 @@ def compute_lung_mask(
     total_ml = float(np.count_nonzero(labels_c)) * voxel_ml
     if total_ml < params.min_lung_ml:
         raise InputImageError(
-            f"no lungs were found: {total_ml:.0f} ml of lung-like tissue (at least {params.min_lung_ml:.0f} ml "
-            "expected). Check that the scan covers the chest (it may be an abdominal, head or limb CT) and that "
-            "its values are in HU."
+            f"{name + ': ' if name else ''}no lungs were found: {total_ml:.0f} ml of lung-like tissue (at least "
+            f"{params.min_lung_ml:.0f} ml expected). Check that the scan covers the chest (it may be an abdominal, "
+            "head or limb CT) and that its values are in HU."
         )
 
     # full-resolution labels: interior from the coarse grid, boundary band re-thresholded on the input grid
@@ -417,14 +422,19 @@ def _lungmask_package_mask(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(labels, dtype=np.uint8)
 
 
-def lung_mask_array(hu: np.ndarray, affine: np.ndarray, method: str = "classical", **params: Any) -> np.ndarray:
-    """``compute_lung_mask`` (``method="classical"``) or the optional ``lungmask`` package (``"lungmask"``)."""
+def lung_mask_array(
+    hu: np.ndarray, affine: np.ndarray, method: str = "classical", name: str = "", **params: Any
+) -> np.ndarray:
+    """``compute_lung_mask`` (``method="classical"``) or the optional ``lungmask`` package (``"lungmask"``); ``name``
+    (the scan's file) is named in errors."""
     if method == "classical":
-        return compute_lung_mask(hu, affine, LungMaskParams(**params) if params else None)  # type: ignore[return-value]
+        settings = LungMaskParams(**params) if params else None
+        return compute_lung_mask(hu, affine, settings, name=name)  # type: ignore[return-value]
     if method == "lungmask":
         labels = _lungmask_package_mask(hu, affine)
         if float(np.count_nonzero(labels)) * float(np.prod(voxel_spacing(affine))) / 1000.0 < 300.0:
-            raise InputImageError("no lungs were found by lungmask. Check that the scan covers the chest.")
+            where = f"{name}: " if name else ""
+            raise InputImageError(f"{where}no lungs were found by lungmask. Check that the scan covers the chest.")
         return labels
     raise ValueError(f"unknown lung mask method {method!r}: use one of {METHODS}")
 
@@ -455,9 +465,10 @@ class LungMask(Transform):
             if array.shape[0] != 1:
                 raise InputImageError(f"the lung mask needs a single-channel CT, got shape {tuple(array.shape)}")
             array = array[0]
-        labels = lung_mask_array(array, affine_np, self.method, **self.params)
-        out = torch.from_numpy(labels[None] if channel_first else labels)
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        name = str(meta.get("filename_or_obj", ""))
+        labels = lung_mask_array(array, affine_np, self.method, name=name, **self.params)
+        out = torch.from_numpy(labels[None] if channel_first else labels)
         meta["affine"] = torch.as_tensor(affine_np, dtype=torch.float64)
         return MetaTensor(out, meta=meta)
 

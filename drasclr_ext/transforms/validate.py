@@ -52,19 +52,41 @@ def check_ct_array(data: np.ndarray, affine: np.ndarray, name: str = "") -> tupl
             "Re-export the scan with its spacing and orientation (e.g. convert the DICOM series with dcm2niix)."
         )
     data = np.asarray(data, dtype=np.float32)
+    check_finite_voxels(data, name=name)
     check_hounsfield(data, name=name)
     return data, affine
+
+
+def check_finite_voxels(data: np.ndarray, name: str = "") -> None:
+    """Raise InputImageError, saying how many voxels and where, unless every voxel is finite.
+
+    Cheap: one sum over the volume (NaN and inf propagate; about 0.015 s for 512x512x300); the exact count and
+    position are computed only when the sum is not finite.
+    """
+    if data.dtype.kind != "f" or np.isfinite(data.sum(dtype=data.dtype)):
+        return
+    bad = ~np.isfinite(data)
+    count = int(np.count_nonzero(bad))
+    if count == 0:  # the sum overflowed: huge but finite values, judged by the HU check
+        return
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+    planes = np.flatnonzero(bad.any(axis=(0, 1)))
+    raise InputImageError(
+        f"{_describe(name)}contains {count} NaN or infinite voxel(s) of {data.size} (first at voxel index "
+        f"{first}, in slices {planes[0]} to {planes[-1]} of the last axis): it is not a valid CT in HU. "
+        "Give the original scan, or re-export it without invalid values."
+    )
 
 
 def check_hounsfield(data: np.ndarray, name: str = "") -> None:
     """Raise InputImageError unless the values look like CT Hounsfield units (air near -1000 HU present).
 
-    Cheap: looks at every 4th voxel along each axis (1/64 of the volume).
+    Cheap: looks at every 4th voxel along each axis (1/64 of the volume); ``check_finite_voxels`` checks them all.
     """
     what = _describe(name)
     sample = data[::4, ::4, ::4] if data.ndim == 3 else data
-    if not np.all(np.isfinite(sample)) or not np.all(np.isfinite(data[data.shape[0] // 2])):
-        raise InputImageError(f"{what}contains NaN or infinite values: it is not a CT in HU. Give the original scan.")
+    if not np.all(np.isfinite(sample)):
+        check_finite_voxels(np.asarray(data, dtype=np.float32), name=name)
     lo, hi = float(sample.min()), float(sample.max())
     air_fraction = float(np.count_nonzero(sample < AIR_HU)) / sample.size
     if lo > AIR_HU or air_fraction < MIN_AIR_FRACTION or hi - lo < 200.0 or hi > MAX_PLAUSIBLE_HU:
