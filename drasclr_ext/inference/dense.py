@@ -31,7 +31,7 @@ from drasclr_ext import __version__
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json, check_finite, prepare_output_dir
-from drasclr_ext.metrics.emphysema import emphysema_report
+from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent, perc15
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 from drasclr_ext.quality import scan_quality
 from drasclr_ext.transforms.atlas_grid import AtlasGrid, atlas_grid
@@ -366,6 +366,16 @@ def render_overview(
     return path
 
 
+def _harmonisation_section(info: Mapping[str, Any], hu: np.ndarray, lung: np.ndarray, raw: Mapping) -> dict:
+    """The report's ``harmonisation``: what was done, and LAA-950 / Perc15 of the image the model saw."""
+    applied = bool(info.get("applied"))
+    section = dict(info)
+    section["laa950_percent"] = laa950_percent(hu, lung) if applied else raw["laa950_percent"]
+    section["perc15_hu"] = perc15(hu, lung) if applied else raw["perc15_hu"]
+    section["used_for_subtype_map"] = "harmonised" if applied else "raw"
+    return section
+
+
 class DenseSubtypeWriter:
     """Write a subject's dense results; ``report.json`` last (the cohort runner's done file).
 
@@ -395,7 +405,11 @@ class DenseSubtypeWriter:
             "subject": data.get("subject", subject_name),
             "input": str(getattr(image, "meta", {}).get("filename_or_obj", "")),
         }
-        report.update(emphysema_report(hu, lung, affine, label))
+        raw = data.get("image_raw")  # the scan before noise harmonisation, when it was harmonised
+        hu_raw = _array_and_affine(raw, affine)[0] if raw is not None else hu
+        report.update(emphysema_report(hu_raw, lung, affine, label))
+        if data.get("harmonisation") is not None:
+            report["harmonisation"] = _harmonisation_section(data["harmonisation"], hu, lung, report)
         report["acquisition"] = _acquisition(image, affine, hu.shape)
         report["quality"] = scan_quality(image, affine)
         report["registration_dice"] = getattr(registration, "dice", None)
@@ -409,6 +423,9 @@ class DenseSubtypeWriter:
             "regions": "whole, right/left lung and upper/middle/lower third by height of each lung",
             "cle_grade": "0 <0.5 %, 1 0.5-1 %, 2 1-5 %, 3 5-10 %, 4 10-20 %, 5 >=20 % of the lung",
             "pse_grade": "0 <1 %, 1 1-5 %, 2 >=5 % of the lung",
+            "harmonisation": "noise in the lung parenchyma (HU, robust in-plane high-pass estimate) and the in-plane "
+            "Gaussian that brought it to the target before the model; LAA-950 and Perc15 of the harmonised scan; the "
+            "report's other densitometry is on the raw scan",
         }
         return report
 
