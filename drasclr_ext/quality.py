@@ -15,6 +15,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 THICK_SLICE_MM = 2.5  # emphysema measures (LAA-950, Perc15, subtypes) are validated on thin slices
+NOISE_HU_MAX = 30.0  # the dense model's training noise; above it raw LAA-950 counts noise as emphysema
+# phantoms register with Dice 0.98-0.99 and real chest CTs at 0.80-0.90 (TCIA A0001: 0.84): below 0.8 the atlas
+# locations and zones are likely off by more than a centimetre
+REGISTRATION_DICE_MIN = 0.8
+LUNG_VOLUME_ML = (1500.0, 9000.0)  # adult lungs between deep expiration and hyperinflated full inspiration
 
 
 def quality_flag(flag: str, severity: str, message: str) -> dict[str, str]:
@@ -50,4 +55,76 @@ def scan_quality(image: Any, affine: Optional[np.ndarray] = None) -> list[dict[s
     flags = [flag for check in CHECKS if (flag := check(spacing, acquisition)) is not None]
     for flag in flags:
         logger.warning(f"{meta.get('filename_or_obj', 'scan')}: {flag['message']}")
+    return flags
+
+
+def high_noise(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict[str, str]]:
+    """Flag lung noise above :data:`NOISE_HU_MAX` (sharp kernel or low dose)."""
+    noise = float((report.get("harmonisation") or {}).get("noise_hu") or math.nan)
+    if not noise > NOISE_HU_MAX:
+        return None
+    return quality_flag(
+        "high_noise",
+        "warning",
+        f"lung noise {noise:.0f} HU (over {NOISE_HU_MAX:g} HU: sharp kernel or low dose): raw LAA-950 counts noise as "
+        "emphysema; compare harmonisation.laa950_percent, and the map was made on the harmonised scan",
+    )
+
+
+def low_registration_dice(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict]:
+    """Flag an atlas registration whose lung Dice is below :data:`REGISTRATION_DICE_MIN`."""
+    dice = report.get("registration_dice")
+    if dice is None or not float(dice) < REGISTRATION_DICE_MIN:
+        return None
+    return quality_flag(
+        "low_registration_dice",
+        "warning",
+        f"atlas registration Dice {float(dice):.2f} (below {REGISTRATION_DICE_MIN:g}): anatomical locations and zones "
+        "may be off by more than a centimetre; check the lung mask in overview.png",
+    )
+
+
+def lungs_cut_off(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict[str, str]]:
+    """Flag lungs that reach the first or last axial slice (the scan does not cover them whole)."""
+    direction = np.asarray(affine, np.float64)[:3, :3]
+    axis = int(np.argmax(np.abs(direction[2] / np.linalg.norm(direction, axis=0))))
+    mask = np.moveaxis(np.asarray(lung) > 0, axis, -1)
+    ends = [name for name, index in (("first", 0), ("last", -1)) if mask[:, :, index].any()]
+    if not ends:
+        return None
+    return quality_flag(
+        "lungs_cut_off",
+        "warning",
+        f"the lungs reach the {' and '.join(ends)} axial slice: the scan does not cover them whole; volumes, zones "
+        "and fractions are those of the part scanned",
+    )
+
+
+def implausible_lung_volume(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict]:
+    """Flag a lung volume outside :data:`LUNG_VOLUME_ML`."""
+    volume = float(report.get("lung_volume_ml") or math.nan)
+    low, high = LUNG_VOLUME_ML
+    if not (volume < low or volume > high):
+        return None
+    return quality_flag(
+        "implausible_lung_volume",
+        "warning",
+        f"lung volume {volume:.0f} ml (outside {low / 1000:g}-{high / 1000:g} l): check the lung mask (a lung missed, "
+        "bowel gas or body included) and that the scan is an inspiratory chest CT",
+    )
+
+
+SUBJECT_CHECKS: list[Callable[[Mapping[str, Any], np.ndarray, np.ndarray], Optional[dict[str, str]]]] = [
+    high_noise,
+    low_registration_dice,
+    lungs_cut_off,
+    implausible_lung_volume,
+]
+
+
+def subject_quality(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> list[dict[str, str]]:
+    """Quality flags that need the subject's results: its report (noise, registration, lung volume) and lung mask."""
+    flags = [flag for check in SUBJECT_CHECKS if (flag := check(report, lung, affine)) is not None]
+    for flag in flags:
+        logger.warning(f"{report.get('input') or report.get('subject', 'scan')}: {flag['message']}")
     return flags

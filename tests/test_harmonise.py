@@ -73,5 +73,8 @@ def test_dictionary_transform_keeps_the_raw_scan_and_the_report_gives_both():
     assert report["laa950_percent"] == pytest.approx(100 * np.mean(lung_raw < -950))  # raw densitometry
     assert report["perc15_hu"] == pytest.approx(np.percentile(lung_raw, 15), abs=1.0)
     assert section["laa950_percent"] < 0.5 * report["laa950_percent"]  # less noise, fewer voxels below -950
+    # this toy scan is noisy, its 87 ml lung fills every slice: each fact is flagged in the report
+    flags = {f["flag"] for f in report["quality"]}
+    assert {"high_noise", "lungs_cut_off", "implausible_lung_volume"} <= flags
     off = HarmoniseNoised("image", enabled=False)({"image": image, "lung_mask": mask})
     assert off["image"] is image and "image_raw" not in off and off["harmonisation"]["noise_hu"] > 50

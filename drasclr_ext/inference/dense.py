@@ -33,7 +33,7 @@ from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json, check_finite, prepare_output_dir
 from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent, perc15
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
-from drasclr_ext.quality import scan_quality
+from drasclr_ext.quality import scan_quality, subject_quality
 from drasclr_ext.transforms.atlas_grid import AtlasGrid, atlas_grid
 from drasclr_ext.transforms.patches import _memory_layout, mask_bounding_box, resample_affine
 from drasclr_ext.transforms.registration import _array_and_affine
@@ -413,6 +413,7 @@ class DenseSubtypeWriter:
         report["acquisition"] = _acquisition(image, affine, hu.shape)
         report["quality"] = scan_quality(image, affine)
         report["registration_dice"] = getattr(registration, "dice", None)
+        report["quality"] += subject_quality(report, lung, affine)
         report["dense"] = data.get("dense_info", {})
         report["model"] = self.model_info
         report["drasclr_ext_version"] = __version__
@@ -444,7 +445,9 @@ class DenseSubtypeWriter:
             report = self.report(data, subject_dir.name)
             if self.overview:
                 label, _ = _array_and_affine(data["subtype_label"], affine)
-                render_overview(hu, label, affine, subject_dir / "overview.png", title=str(report["subject"]))
+                flags = ", ".join(f["flag"] for f in report["quality"])
+                title = f"{report['subject']}" + (f"  (quality flags: {flags})" if flags else "")
+                render_overview(hu, label, affine, subject_dir / "overview.png", title=title)
             written.result()
         return atomic_write_json(subject_dir / self.DONE_FILE, report)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import time
@@ -106,6 +107,18 @@ class CohortRunner:
         with OutputLock(self.output_dir):
             return self._run(scans, names)
 
+    def _count_flags(self, names: Sequence[str]) -> dict[str, int]:
+        """How many of the subjects' done files (``report.json``...) carry each quality flag."""
+        counts: dict[str, int] = {}
+        for name in names:
+            try:
+                flags = json.loads((self.output_dir / name / self.done_file).read_text()).get("quality") or []
+            except (OSError, ValueError, AttributeError):
+                continue
+            for flag in {f.get("flag") for f in flags if isinstance(f, dict)}:
+                counts[flag] = counts.get(flag, 0) + 1
+        return dict(sorted(counts.items()))
+
     def _run(self, scans: Sequence[Path], names: Sequence[str]) -> dict[str, Any]:
         done, skipped, failures = [], [], []
         start = time.perf_counter()
@@ -125,6 +138,7 @@ class CohortRunner:
             "processed": done,
             "skipped": skipped,
             "failed": [f["subject"] for f in failures],
+            "quality_flags": self._count_flags([*done, *skipped]),
             "seconds": round(time.perf_counter() - start, 2),
         }
         atomic_write_json(self.output_dir / "summary.json", summary)
