@@ -148,5 +148,9 @@ def test_real_ct_maps_align_and_laa950_matches_the_input(lung_ct_dir, tmp_path):
     report = json.loads((subject / "report.json").read_text())
     assert report["laa950_percent"] == pytest.approx(laa950_percent(scan.numpy(), lung), abs=0.5)
     assert report["acquisition"]["slice_thickness_mm"] == pytest.approx(5.0, abs=0.01)
-    assert [flag["flag"] for flag in report["quality"]] == ["thick_slices"]  # 5 mm slices
+    assert [flag["flag"] for flag in report["quality"]] == ["thick_slices", "high_noise"]  # 5 mm, 57 HU noise
+    harmonised = report["harmonisation"]  # the model saw the scan smoothed to 30 HU; the densitometry above is raw
+    assert harmonised["applied"] and harmonised["noise_hu"] > 50
+    assert harmonised["noise_hu_after"] == pytest.approx(30.0, abs=1.5)
+    assert harmonised["laa950_percent"] < report["laa950_percent"]
     assert (subject / "overview.png").stat().st_size > 10_000
