@@ -156,9 +156,10 @@ class OutputLock:
     temporary files. Use as a context manager.
     """
 
-    def __init__(self, folder: PathLike) -> None:
+    def __init__(self, folder: PathLike, name: str = LOCK_FILE, clean: bool = True) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder / name
+        self.clean = clean  # False for the processes of one distributed run (one cleans for all, before they start)
         self.held = False
 
     def _owner(self) -> tuple[Optional[int], str]:
@@ -182,7 +183,8 @@ class OutputLock:
         for _ in range(3):  # a lock file being written, or removed, between our steps
             if self._try_create():
                 self.held = True
-                clean_stale_temporaries(self.folder)
+                if self.clean:
+                    clean_stale_temporaries(self.folder)
                 return self
             pid, host = self._owner()
             if pid is None or host != socket.gethostname() or _pid_alive(pid):

@@ -12,10 +12,18 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from drasclr_ext.errors import DrasCLRError, our_error
-from drasclr_ext.fileio import OutputLock, atomic_write_bytes, atomic_write_json
+from drasclr_ext.fileio import (
+    LOCK_FILE,
+    OutputLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_temporaries,
+    prepare_output_dir,
+)
 from drasclr_ext.preprocess.cohort import read_datalist
 from drasclr_ext.transforms.io import subject_names
 
@@ -24,7 +32,15 @@ PathLike = Union[str, os.PathLike]
 FAILURES_FILE = "failures.csv"
 FAILURE_FIELDS = ("subject", "input", "error", "reason")  # the one failures.csv schema of every cohort command
 
-__all__ = ["FAILURES_FILE", "FAILURE_FIELDS", "CohortRunner", "failure_row", "our_error", "write_failures"]
+__all__ = [
+    "FAILURES_FILE",
+    "FAILURE_FIELDS",
+    "CohortRunner",
+    "distributed_rank",
+    "failure_row",
+    "our_error",
+    "write_failures",
+]
 
 
 def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]:
@@ -60,6 +76,10 @@ class CohortRunner:
     Before any scan is computed the run checks the dataset (not empty, no two inputs with one subject name) and the
     output directory (writable), and locks it (:class:`~drasclr_ext.fileio.OutputLock`); a problem stops it with a
     ``DrasCLRError``.
+
+    Launched by ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, on one or several nodes sharing ``output_dir``), each
+    process takes every ``WORLD_SIZE``-th scan from its ``RANK`` on, under its own lock; rank 0 then writes the one
+    ``failures.csv`` and ``summary.json`` of the whole cohort (gathered over a gloo process group).
 
     Args:
         dataset: a folder of scans (image files or DICOM series folders), a MONAI datalist JSON, or a list of paths.
@@ -104,8 +124,68 @@ class CohortRunner:
                 f"no scans found in {self.dataset}: give a folder of CT files or DICOM folders, or a datalist JSON"
             )
         names = subject_names(scans)
-        with OutputLock(self.output_dir):
-            return self._run(scans, names)
+        rank, world = distributed_rank()
+        if world == 1:
+            with OutputLock(self.output_dir):
+                return self._finish(*self._process(list(zip(scans, names))))
+        group = _process_group()
+        try:
+            prepare_output_dir(self.output_dir)
+            if rank == 0:
+                clean_stale_temporaries(self.output_dir)
+            dist.barrier()
+            with OutputLock(self.output_dir, name=f"{LOCK_FILE}.rank{rank}", clean=False):
+                mine = self._process(list(zip(scans, names))[rank::world])
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, mine)
+            if rank != 0:
+                return {
+                    "rank": rank,
+                    "processed": mine[0],
+                    "skipped": mine[1],
+                    "failed": [f["subject"] for f in mine[2]],
+                }
+            merged = [sum((part[i] for part in parts), []) for i in range(3)]
+            return self._finish(*merged, max(part[3] for part in parts))
+        finally:
+            if group:
+                dist.destroy_process_group()
+
+    def _process(self, work: Sequence[tuple[Path, str]]) -> tuple[list[str], list[str], list[dict[str, str]], float]:
+        """Run the subjects of ``work``; their names done and skipped, failure rows, seconds."""
+        done, skipped, failures = [], [], []
+        start = time.perf_counter()
+        for path, name in tqdm(work, desc="subjects", unit="scan", disable=not self.progress):
+            subject_dir = self.output_dir / name
+            if not self.overwrite and (subject_dir / self.done_file).is_file():
+                skipped.append(name)
+                continue
+            try:
+                data = self.inferer(self.preprocessing({"image": str(path), "subject": name}))
+                self.writer(data, subject_dir)
+                done.append(name)
+            except Exception as exc:  # one bad scan never stops the cohort
+                failures.append(failure_row(name, path, exc))
+        return done, skipped, failures, time.perf_counter() - start
+
+    def _finish(
+        self, done: list[str], skipped: list[str], failures: list[dict[str, str]], seconds: float
+    ) -> dict[str, Any]:
+        """Write ``failures.csv`` and ``summary.json`` of the run; the summary."""
+        write_failures(self.output_dir / FAILURES_FILE, failures)
+        summary = {
+            "processed": done,
+            "skipped": skipped,
+            "failed": [f["subject"] for f in failures],
+            "quality_flags": self._count_flags([*done, *skipped]),
+            "seconds": round(seconds, 2),
+        }
+        atomic_write_json(self.output_dir / "summary.json", summary)
+        logger.info(
+            f"{len(done)} processed, {len(skipped)} already done, {len(failures)} failed"
+            + (f" (see {self.output_dir / FAILURES_FILE})" if failures else "")
+        )
+        return summary
 
     def _count_flags(self, names: Sequence[str]) -> dict[str, int]:
         """How many of the subjects' done files (``report.json``...) carry each quality flag."""
@@ -119,31 +199,18 @@ class CohortRunner:
                 counts[flag] = counts.get(flag, 0) + 1
         return dict(sorted(counts.items()))
 
-    def _run(self, scans: Sequence[Path], names: Sequence[str]) -> dict[str, Any]:
-        done, skipped, failures = [], [], []
-        start = time.perf_counter()
-        for path, name in tqdm(list(zip(scans, names)), desc="subjects", unit="scan", disable=not self.progress):
-            subject_dir = self.output_dir / name
-            if not self.overwrite and (subject_dir / self.done_file).is_file():
-                skipped.append(name)
-                continue
-            try:
-                data = self.inferer(self.preprocessing({"image": str(path), "subject": name}))
-                self.writer(data, subject_dir)
-                done.append(name)
-            except Exception as exc:  # one bad scan never stops the cohort
-                failures.append(failure_row(name, path, exc))
-        write_failures(self.output_dir / FAILURES_FILE, failures)
-        summary = {
-            "processed": done,
-            "skipped": skipped,
-            "failed": [f["subject"] for f in failures],
-            "quality_flags": self._count_flags([*done, *skipped]),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        atomic_write_json(self.output_dir / "summary.json", summary)
-        logger.info(
-            f"{len(done)} processed, {len(skipped)} already done, {len(failures)} failed"
-            + (f" (see {self.output_dir / FAILURES_FILE})" if failures else "")
-        )
-        return summary
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: from an initialised ``torch.distributed`` group, else from the
+    ``RANK`` / ``WORLD_SIZE`` variables that ``torchrun`` sets; (0, 1) for a plain run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _process_group() -> bool:
+    """Initialise a gloo process group from torchrun's environment unless one exists; True if it was created here."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True

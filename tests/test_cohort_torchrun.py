@@ -1,0 +1,59 @@
+"""The emphysema bundle's inference under ``torchrun`` with 2 CPU processes: each rank takes its share of the
+cohort, rank 0 writes the one summary and failures.csv, and the union equals a single-process run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli, write_small_phantom
+
+BUNDLE = bundle_dir("drasclr_emphysema_subtype")
+
+
+def _inference(output: Path, dataset: Path, cwd: Path, processes: int = 1) -> str:
+    args = [PYTHON, "-m", "monai.bundle", "run"]
+    if processes > 1:
+        args = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+        args += ["monai.bundle", "run"]
+    args += ["--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE)]
+    args += ["--dataset_dir", str(dataset), "--output_dir", str(output), "--overview", "False", "--overlap", "0"]
+    proc = run_bundle_cli(args, cwd=cwd)
+    return proc.stdout + proc.stderr
+
+
+def test_two_processes_share_the_cohort_and_rank_0_merges(tmp_path):
+    data = tmp_path / "data"
+    for seed in (21, 22, 23):
+        write_small_phantom(data, seed=seed, name=f"p{seed}")
+    (data / "broken.nii.gz").write_bytes(b"\x1f\x8b not a scan")
+    (tmp_path / "cwd").mkdir()
+    _inference(tmp_path / "one", data, tmp_path / "cwd")
+    log = _inference(tmp_path / "two", data, tmp_path / "cwd", processes=2)
+    assert log.count("subjects: 100%") >= 2 and "4/4" not in log  # two ranks, two scans each
+
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert sorted(two["processed"]) == sorted(one["processed"]) == ["p21", "p22", "p23"]
+    assert two["failed"] == one["failed"] == ["broken"]
+    with open(tmp_path / "two" / "failures.csv") as f:
+        assert [row["subject"] for row in csv.DictReader(f)] == ["broken"]
+    for name in one["processed"]:
+        a = json.loads((tmp_path / "one" / name / "report.json").read_text())
+        b = json.loads((tmp_path / "two" / name / "report.json").read_text())
+        assert a["laa950_percent"] == b["laa950_percent"] and a["subtype_fractions"] == b["subtype_fractions"]
+        labels = [
+            np.asarray(nib.load(root / name / "subtype_label.nii.gz").dataobj)
+            for root in (tmp_path / "one", tmp_path / "two")
+        ]
+        np.testing.assert_array_equal(*labels)
+    assert not list((tmp_path / "two").glob(".drasclr.lock*"))  # every rank released its lock
+
+    # resumable: a second 2-process run skips everything
+    _inference(tmp_path / "two", data, tmp_path / "cwd", processes=2)
+    again = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert again["processed"] == [] and sorted(again["skipped"]) == ["p21", "p22", "p23"]
