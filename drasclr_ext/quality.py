@@ -114,11 +114,24 @@ def implausible_lung_volume(report: Mapping[str, Any], lung: np.ndarray, affine:
     )
 
 
+def airway_not_found(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict[str, str]]:
+    """Flag a lung mask that found no trachea (the airways may still be in it)."""
+    if (report.get("airways") or {}).get("airway_found") is not False:
+        return None
+    return quality_flag(
+        "airway_not_found",
+        "warning",
+        "the lung mask found no trachea: the trachea and main bronchi may remain in the lungs and count as emphysema; "
+        "check the lung mask in overview.png (scans cut below the carina, or unusual positioning)",
+    )
+
+
 SUBJECT_CHECKS: list[Callable[[Mapping[str, Any], np.ndarray, np.ndarray], Optional[dict[str, str]]]] = [
     high_noise,
     low_registration_dice,
     lungs_cut_off,
     implausible_lung_volume,
+    airway_not_found,
 ]
 
 

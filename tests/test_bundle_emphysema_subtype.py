@@ -153,4 +153,5 @@ def test_real_ct_maps_align_and_laa950_matches_the_input(lung_ct_dir, tmp_path):
     assert harmonised["applied"] and harmonised["noise_hu"] > 50
     assert harmonised["noise_hu_after"] == pytest.approx(30.0, abs=1.5)
     assert harmonised["laa950_percent"] < report["laa950_percent"]
+    assert report["airways"]["airway_found"] and 10.0 < report["airways"]["airway_removed_ml"] < 250.0
     assert (subject / "overview.png").stat().st_size > 10_000

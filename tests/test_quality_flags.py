@@ -71,3 +71,25 @@ def test_the_cohort_summary_counts_the_flags(tmp_path):
         (tmp_path / name / "report.json").write_text(json.dumps({"quality": quality}))
     runner = CohortRunner([], tmp_path, lambda d: d, lambda d: d, lambda d, p: p, done_file="report.json")
     assert runner._count_flags(["a", "b", "c", "missing"]) == {"high_noise": 2, "thick_slices": 1}
+
+
+def test_a_lung_mask_without_trachea_is_flagged():
+    assert _flags({**GOOD, "airways": {"airway_found": True, "airway_removed_ml": 62.0}}) == []
+    assert _flags({**GOOD, "airways": {"airway_found": False, "airway_removed_ml": 0.0}}) == ["airway_not_found"]
+
+
+def test_the_lung_mask_reports_the_airways_it_removed():
+    import torch
+    from monai.data import MetaTensor
+
+    from drasclr_ext.data.phantom import generate_phantom
+    from drasclr_ext.transforms.lung_mask import AIRWAY_META_KEY, LungMask
+
+    phantom = generate_phantom(7, resolution_scale=3.0)
+    image = MetaTensor(torch.from_numpy(phantom["image"])[None], affine=torch.from_numpy(phantom["affine"]))
+    airways = LungMask()(image).meta[AIRWAY_META_KEY]
+    assert airways["airway_found"] and 5.0 < airways["airway_removed_ml"] < 250.0
+    # the same chest with its top cut off below the trachea: no airway to find, and it says so
+    z_lungs = np.flatnonzero((phantom["lung_mask"] > 0).any(axis=(0, 1)))
+    low = image[..., : z_lungs[0] + (z_lungs[-1] - z_lungs[0]) // 3]
+    assert LungMask()(low).meta[AIRWAY_META_KEY]["airway_found"] is False

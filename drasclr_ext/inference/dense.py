@@ -413,6 +413,9 @@ class DenseSubtypeWriter:
         report["acquisition"] = _acquisition(image, affine, hu.shape)
         report["quality"] = scan_quality(image, affine)
         report["registration_dice"] = getattr(registration, "dice", None)
+        airways = getattr(data["lung_mask"], "meta", {}).get("airways")
+        if airways:
+            report["airways"] = dict(airways)
         report["quality"] += subject_quality(report, lung, affine)
         report["dense"] = data.get("dense_info", {})
         report["model"] = self.model_info
@@ -424,6 +427,8 @@ class DenseSubtypeWriter:
             "regions": "whole, right/left lung and upper/middle/lower third by height of each lung",
             "cle_grade": "0 <0.5 %, 1 0.5-1 %, 2 1-5 %, 3 5-10 %, 4 10-20 %, 5 >=20 % of the lung",
             "pse_grade": "0 <1 %, 1 1-5 %, 2 >=5 % of the lung",
+            "airways": "whether the lung mask found the trachea, and the volume of trachea and main bronchi (with "
+            "their walls) it removed from the lungs",
             "harmonisation": "noise in the lung parenchyma (HU, robust in-plane high-pass estimate) and the in-plane "
             "Gaussian that brought it to the target before the model; LAA-950 and Perc15 of the harmonised scan; the "
             "report's other densitometry is on the raw scan",

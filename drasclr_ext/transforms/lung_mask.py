@@ -315,6 +315,7 @@ def compute_lung_mask(
     params: LungMaskParams | None = None,
     return_airways: bool = False,
     name: str = "",
+    info: dict[str, Any] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label the lungs of a CT in HU: uint8 (X, Y, Z), 0 background, 1 right lung, 2 left lung.
 
@@ -324,6 +325,8 @@ def compute_lung_mask(
         params: thresholds and sizes of the pipeline.
         return_airways: also return the removed trachea/main-bronchi mask (bool, input grid).
         name: the scan's file, named in errors.
+        info: a dict to receive ``airway_found`` (a trachea was found) and ``airway_removed_ml`` (the trachea and
+            main bronchi with their walls, removed from the lungs).
 
     Raises:
         InputImageError: when nothing lung-like of at least ``params.min_lung_ml`` is found.
@@ -354,6 +357,9 @@ def compute_lung_mask(
         airway = grow_airways(seed, hu_c, candidates, voxel_ml, params)
         midline_x = float((affine_c @ np.array([*ndimage.center_of_mass(seed), 1.0]))[0])
         airway = ndimage.binary_dilation(airway, structure=_ball(np.maximum(3.0 / spacing_c, 1.0)))
+    if info is not None:
+        info["airway_found"] = seed is not None
+        info["airway_removed_ml"] = round(float(np.count_nonzero(airway)) * voxel_ml, 1)
     lungs = candidates & ~airway
     lungs = ndimage.binary_opening(lungs, structure=ndimage.generate_binary_structure(3, 1))
 
@@ -386,6 +392,9 @@ def compute_lung_mask(
     if return_airways:
         return full, _upsample(airway, factors, hu.shape, layout)  # type: ignore[arg-type]
     return full
+
+
+AIRWAY_META_KEY = "airways"  # the lung mask MetaTensor's meta: {"airway_found", "airway_removed_ml"} (classical)
 
 
 def lung_volumes_ml(labels: np.ndarray, affine: np.ndarray) -> dict[str, float]:
@@ -423,13 +432,18 @@ def _lungmask_package_mask(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def lung_mask_array(
-    hu: np.ndarray, affine: np.ndarray, method: str = "classical", name: str = "", **params: Any
+    hu: np.ndarray,
+    affine: np.ndarray,
+    method: str = "classical",
+    name: str = "",
+    info: dict[str, Any] | None = None,
+    **params: Any,
 ) -> np.ndarray:
     """``compute_lung_mask`` (``method="classical"``) or the optional ``lungmask`` package (``"lungmask"``); ``name``
-    (the scan's file) is named in errors."""
+    (the scan's file) is named in errors; ``info`` receives the airway facts of the classical method."""
     if method == "classical":
         settings = LungMaskParams(**params) if params else None
-        return compute_lung_mask(hu, affine, settings, name=name)  # type: ignore[return-value]
+        return compute_lung_mask(hu, affine, settings, name=name, info=info)  # type: ignore[return-value]
     if method == "lungmask":
         labels = _lungmask_package_mask(hu, affine)
         if float(np.count_nonzero(labels)) * float(np.prod(voxel_spacing(affine))) / 1000.0 < 300.0:
@@ -467,9 +481,11 @@ class LungMask(Transform):
             array = array[0]
         meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
         name = str(meta.get("filename_or_obj", ""))
-        labels = lung_mask_array(array, affine_np, self.method, name=name, **self.params)
+        info: dict[str, Any] = {}
+        labels = lung_mask_array(array, affine_np, self.method, name=name, info=info, **self.params)
         out = torch.from_numpy(labels[None] if channel_first else labels)
         meta["affine"] = torch.as_tensor(affine_np, dtype=torch.float64)
+        meta[AIRWAY_META_KEY] = info
         return MetaTensor(out, meta=meta)
 
 
