@@ -57,3 +57,30 @@ def test_two_processes_share_the_cohort_and_rank_0_merges(tmp_path):
     _inference(tmp_path / "two", data, tmp_path / "cwd", processes=2)
     again = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert again["processed"] == [] and sorted(again["skipped"]) == ["p21", "p22", "p23"]
+
+
+def test_preprocessing_under_torchrun_equals_one_process(tmp_path):
+    """``drasclr preprocess`` with 2 processes: same subjects, same patches, one failures.csv, one store."""
+    from tests.synthetic_chest import make_chest
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, spacing in enumerate([(3.0, 3.0, 3.0), (2.5, 2.5, 4.0), (3.0, 3.0, 2.5)]):
+        chest = make_chest(spacing=spacing, seed=i)
+        nib.save(nib.Nifti1Image(chest.hu, chest.affine), scans / f"chest{i}.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    cli = ["-m", "drasclr_ext.cli", "preprocess", str(scans)]
+    run_bundle_cli([PYTHON, *cli, str(tmp_path / "one")], cwd=tmp_path)
+    launch = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_bundle_cli([*launch, *cli, str(tmp_path / "two")], cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert log.count("preprocess: 100%") >= 2 and "4/4" not in log  # two ranks, two scans each
+    for name in ("chest0", "chest1", "chest2"):
+        a, b = (np.load(tmp_path / run / name / "patches.npy") for run in ("one", "two"))
+        np.testing.assert_array_equal(a, b)
+    for run in ("one", "two"):
+        with open(tmp_path / run / "failures.csv") as f:
+            assert [row["subject"] for row in csv.DictReader(f)] == ["broken"]
+    stores = [sorted(p.name for p in (tmp_path / run / "store").iterdir()) for run in ("one", "two")]
+    assert stores[0] == stores[1] and stores[0]
+    assert not list((tmp_path / "two").glob(".drasclr.lock*"))

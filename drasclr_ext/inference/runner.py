@@ -24,6 +24,7 @@ from drasclr_ext.fileio import (
     clean_stale_temporaries,
     prepare_output_dir,
 )
+from drasclr_ext.parallel import distributed_rank, gather_to_all, process_group, share
 from drasclr_ext.preprocess.cohort import read_datalist
 from drasclr_ext.transforms.io import subject_names
 
@@ -36,7 +37,6 @@ __all__ = [
     "FAILURES_FILE",
     "FAILURE_FIELDS",
     "CohortRunner",
-    "distributed_rank",
     "failure_row",
     "our_error",
     "write_failures",
@@ -128,28 +128,18 @@ class CohortRunner:
         if world == 1:
             with OutputLock(self.output_dir):
                 return self._finish(*self._process(list(zip(scans, names))))
-        group = _process_group()
-        try:
+        with process_group():
             prepare_output_dir(self.output_dir)
             if rank == 0:
                 clean_stale_temporaries(self.output_dir)
             dist.barrier()
             with OutputLock(self.output_dir, name=f"{LOCK_FILE}.rank{rank}", clean=False):
-                mine = self._process(list(zip(scans, names))[rank::world])
-            parts: list[Any] = [None] * world
-            dist.all_gather_object(parts, mine)
-            if rank != 0:
-                return {
-                    "rank": rank,
-                    "processed": mine[0],
-                    "skipped": mine[1],
-                    "failed": [f["subject"] for f in mine[2]],
-                }
-            merged = [sum((part[i] for part in parts), []) for i in range(3)]
-            return self._finish(*merged, max(part[3] for part in parts))
-        finally:
-            if group:
-                dist.destroy_process_group()
+                mine = self._process(share(list(zip(scans, names)), rank, world))
+            parts = gather_to_all(mine)
+        if rank != 0:
+            return {"rank": rank, "processed": mine[0], "skipped": mine[1], "failed": [f["subject"] for f in mine[2]]}
+        merged = [sum((part[i] for part in parts), []) for i in range(3)]
+        return self._finish(*merged, max(part[3] for part in parts))
 
     def _process(self, work: Sequence[tuple[Path, str]]) -> tuple[list[str], list[str], list[dict[str, str]], float]:
         """Run the subjects of ``work``; their names done and skipped, failure rows, seconds."""
@@ -198,19 +188,3 @@ class CohortRunner:
             for flag in {f.get("flag") for f in flags if isinstance(f, dict)}:
                 counts[flag] = counts.get(flag, 0) + 1
         return dict(sorted(counts.items()))
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process: from an initialised ``torch.distributed`` group, else from the
-    ``RANK`` / ``WORLD_SIZE`` variables that ``torchrun`` sets; (0, 1) for a plain run."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _process_group() -> bool:
-    """Initialise a gloo process group from torchrun's environment unless one exists; True if it was created here."""
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("gloo")
-    return True

@@ -22,12 +22,21 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import torch.distributed as dist
 
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.fileio import OutputLock, atomic_save_npy, atomic_write_json
+from drasclr_ext.fileio import (
+    LOCK_FILE,
+    OutputLock,
+    atomic_save_npy,
+    atomic_write_json,
+    clean_stale_temporaries,
+    prepare_output_dir,
+)
+from drasclr_ext.parallel import distributed_rank, gather_to_all, process_group, share
 
 __all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
 
@@ -245,25 +254,40 @@ def preprocess_cohort(
         raise DrasCLRError(f"no scans found in {datalist}: give a folder of CT files or DICOM folders, or a datalist")
     names = subject_names(scans)
     jobs = [(str(p), str(out), str(atlas), atlas_path, int(k), bool(overwrite), n) for p, n in zip(scans, names)]
-    with OutputLock(out):
-        return _preprocess_all(jobs, Path(out), workers, build_store, progress)
+    rank, world = distributed_rank()
+    if world == 1:
+        with OutputLock(out):
+            results = _run_jobs(jobs, workers, progress, failures_to=Path(out))
+        return _finish_cohort(results, len(jobs), Path(out), build_store)
+    with process_group():  # torchrun: every rank its share of the scans, rank 0 writes the cohort's files
+        prepare_output_dir(out)
+        if rank == 0:
+            clean_stale_temporaries(out)
+        dist.barrier()
+        with OutputLock(out, name=f"{LOCK_FILE}.rank{rank}", clean=False):
+            mine = _run_jobs(share(jobs, rank, world), workers, progress)
+        parts = gather_to_all(mine)
+    if rank != 0:
+        return {"rank": rank, "total": len(mine), **_counts(mine)}
+    return _finish_cohort([r for part in parts for r in part], len(jobs), Path(out), build_store)
 
 
-def _preprocess_all(jobs: list[tuple], out: Path, workers: int, build_store: bool, progress: bool) -> dict[str, Any]:
-    """Run the ``_run_one`` jobs (in ``workers`` processes), write ``failures.csv`` and the store; the summary."""
+def _counts(results: Sequence[dict]) -> dict[str, int]:
+    return {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "failed")}
+
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool, failures_to: Optional[Path] = None) -> list[dict]:
+    """Run the ``_run_one`` jobs (in ``workers`` processes); their results. With ``failures_to``, ``failures.csv``
+    there is rewritten after each failure (a long run shows its failures as they come)."""
     from tqdm.auto import tqdm
 
-    from drasclr_ext.data.patch_store import build_patch_store
-
-    failures: list[dict] = []
     results: list[dict] = []
     bar = tqdm(total=len(jobs), desc="preprocess", unit="scan", disable=not progress)
 
     def record(res: dict) -> None:
         results.append(res)
-        if res["status"] == "failed":
-            failures.append(res)
-            _write_failures(out, failures)
+        if res["status"] == "failed" and failures_to is not None:
+            _write_failures(failures_to, [r for r in results if r["status"] == "failed"])
         bar.set_postfix_str(f"{res['subject']}: {res['status']}")
         bar.update(1)
 
@@ -279,11 +303,19 @@ def _preprocess_all(jobs: list[tuple], out: Path, workers: int, build_store: boo
             for future in as_completed(futures):
                 record(future.result())
     bar.close()
+    return results
+
+
+def _finish_cohort(results: Sequence[dict], total: int, out: Path, build_store: bool) -> dict[str, Any]:
+    """Write ``failures.csv`` and the patch store of a whole cohort; its summary."""
+    from drasclr_ext.data.patch_store import build_patch_store
+
+    failures = [r for r in results if r["status"] == "failed"]
     failures_csv = _write_failures(out, failures)
     store = build_patch_store(out) if build_store else None
-    counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped")}
+    counts = _counts(results)
     return {
-        "total": len(jobs),
+        "total": total,
         "done": counts["done"],
         "skipped": counts["skipped"],
         "failed": len(failures),
