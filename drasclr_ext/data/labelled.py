@@ -245,6 +245,8 @@ class LabelledGridDataset(Dataset):
         repeats: items per subject and epoch.
         max_samples_per_class: voxel indices kept per class for sampling.
         progress: show a progress bar.
+        cache_settings: further settings of ``preprocessing`` that change the grids (e.g. the noise
+            harmonisation); they are part of the cache key, so changing them rebuilds the grids.
     """
 
     def __init__(
@@ -258,6 +260,7 @@ class LabelledGridDataset(Dataset):
         repeats: int = 1,
         max_samples_per_class: int = 100_000,
         progress: bool = True,
+        cache_settings: Optional[Mapping[str, Any]] = None,
     ) -> None:
         from monai.transforms import ClassesToIndicesd
 
@@ -267,7 +270,11 @@ class LabelledGridDataset(Dataset):
         self.window = int(window)
         self.transform = transform
         self.repeats = max(1, int(repeats))
-        self.settings = {"atlas": getattr(self.atlas, "name", str(atlas)), "window": self.window}
+        self.settings = {
+            "atlas": getattr(self.atlas, "name", str(atlas)),
+            "window": self.window,
+            **{str(k): v for k, v in (cache_settings or {}).items()},
+        }
         self._indices = ClassesToIndicesd("label", num_classes=5, max_samples_per_class=int(max_samples_per_class))
         self.items, self.failures = _run_subjects(data, self._subject_grid, "training grids", progress)
         if self.failures:

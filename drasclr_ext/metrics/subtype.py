@@ -196,7 +196,8 @@ class SubtypeMetric(Metric):
 
     def update(self, output: tuple[dict[str, Any], Any]) -> None:
         pred, truth = output
-        hu, affine = _array_and_affine(pred["image"], None)
+        # LAA-950 on the raw scan, as in the report (the model may have seen it noise-harmonised)
+        hu, affine = _array_and_affine(pred.get("image_raw", pred["image"]), None)
         lung, _ = _array_and_affine(pred["lung_mask"], affine)
         label, prob, truth = (_numpy(x) for x in (pred["subtype_label"], pred["subtype_prob"], truth))
         self.scores.add(str(pred.get("subject", len(self.scores.subjects))), label, prob, truth, hu, lung, affine)
