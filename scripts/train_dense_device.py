@@ -6,6 +6,7 @@ ready, so the cohort grows during the run. Everything else is the bundle's own: 
 crops and augmentation, the pretrained encoder, sliding-window validation. Registration uses
 ``AtlasRegistration(method="moments")`` (no ITK), which agrees with the ITK registration to 0.2 mm mean on phantoms.
 
+- Grids as ``train.json`` makes them (lung mask, noise harmonisation, atlas grid), without ITK.
 - Training seeds: from ``--train-start`` on, balanced by subtype mix (see :func:`training_seeds`).
 - Validation seeds: ``--val-seeds`` (by default 1900-1999, chosen so every subtype appears), never trained on.
 - The held-out test phantoms (9000-9015) are never generated here: evaluate the result with ``evaluate.json``.
@@ -94,6 +95,7 @@ def build_grid(seed: int, folder: str, resolution_scale: float, window: int, dea
 
     from drasclr_ext.data.labelled import labelled_grid, save_grid
     from drasclr_ext.data.phantom import generate_phantom
+    from drasclr_ext.transforms.harmonise import HarmoniseNoised
     from drasclr_ext.transforms.lung_mask import LungMask
     from drasclr_ext.transforms.registration import AtlasRegistration
 
@@ -103,6 +105,7 @@ def build_grid(seed: int, folder: str, resolution_scale: float, window: int, dea
     image = MetaTensor(torch.from_numpy(phantom["image"])[None], affine=affine)
     label = MetaTensor(torch.from_numpy(phantom["label"])[None], affine=affine)
     lung = LungMask()(image)
+    image = HarmoniseNoised("image")({"image": image, "lung_mask": lung})["image"]  # as train.json and inference
     registration = AtlasRegistration("default", method="moments", threads=1)(lung)
     grid = labelled_grid(
         {"image": image, "label": label, "lung_mask": lung, "registration": registration}, "default", min_size=window
