@@ -12,7 +12,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from drasclr_ext.errors import DrasCLRError
 
 PathLike = Union[str, os.PathLike]
 LOCK_FILE = ".drasclr.lock"
+FAILURES_FILE = "failures.csv"
+FAILURE_FIELDS = ("subject", "input", "error", "reason")  # the one failures.csv schema of every cohort command
 TMP_MARK = ".tmp"  # every temporary file of atomic_write is named ".<name>.<random><suffix>", suffix from ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\..+)?$")  # mkstemp's 8 random characters, then our suffix
 logger = logging.getLogger(__name__)
@@ -208,3 +210,14 @@ class OutputLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def write_failures(path: PathLike, failures: Sequence[Mapping[str, Any]]) -> Path:
+    """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(FAILURE_FIELDS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({key: row.get(key, "") for key in FAILURE_FIELDS} for row in failures)
+    return atomic_write_bytes(path, buffer.getvalue().encode())

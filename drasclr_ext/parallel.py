@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch.distributed as dist
 
-__all__ = ["distributed_rank", "gather_to_all", "process_group", "share"]
+from drasclr_ext.fileio import LOCK_FILE, OutputLock, clean_stale_temporaries, prepare_output_dir
+
+__all__ = ["distributed_rank", "gather_to_all", "process_group", "run_shares", "share"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -49,3 +53,30 @@ def gather_to_all(obj: Any) -> list[Any]:
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def run_shares(
+    output_dir: Union[str, os.PathLike], work: Sequence[T], process: Callable[[list[T], bool], R]
+) -> tuple[R, Optional[list[R]]]:
+    """Run ``process(share, alone)`` on this process's share of ``work`` while holding ``output_dir``'s lock.
+
+    A plain run does all the work under :class:`~drasclr_ext.fileio.OutputLock` (``alone`` True: it may write the
+    cohort's files as it goes). Under ``torchrun`` each rank takes its :func:`share` under a lock of its own, rank 0
+    having first cleaned stale temporary files, and the results are gathered. Returns this process's result and,
+    on the process that writes the cohort's files (the plain run, or rank 0), every rank's results in rank order;
+    ``None`` on the other ranks.
+    """
+    rank, world = distributed_rank()
+    if world == 1:
+        with OutputLock(output_dir):
+            mine = process(list(work), True)
+        return mine, [mine]
+    with process_group():
+        prepare_output_dir(Path(output_dir))
+        if rank == 0:
+            clean_stale_temporaries(output_dir)
+        dist.barrier()
+        with OutputLock(output_dir, name=f"{LOCK_FILE}.rank{rank}", clean=False):
+            mine = process(share(work, rank, world), False)
+        parts = gather_to_all(mine)
+    return mine, parts if rank == 0 else None

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from drasclr_ext.transforms.lung_mask import axis_towards
+
 logger = logging.getLogger(__name__)
 
 THICK_SLICE_MM = 2.5  # emphysema measures (LAA-950, Perc15, subtypes) are validated on thin slices
@@ -86,8 +88,7 @@ def low_registration_dice(report: Mapping[str, Any], lung: np.ndarray, affine: n
 
 def lungs_cut_off(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict[str, str]]:
     """Flag lungs that reach the first or last axial slice (the scan does not cover them whole)."""
-    direction = np.asarray(affine, np.float64)[:3, :3]
-    axis = int(np.argmax(np.abs(direction[2] / np.linalg.norm(direction, axis=0))))
+    axis, _ = axis_towards(affine, 2)
     mask = np.moveaxis(np.asarray(lung) > 0, axis, -1)
     ends = [name for name, index in (("first", 0), ("last", -1)) if mask[:, :, index].any()]
     if not ends:

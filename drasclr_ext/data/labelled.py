@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import DrasCLRError, InputImageError
-from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
+from drasclr_ext.fileio import atomic_save_npy, atomic_write_json, write_failures
 from drasclr_ext.inference.dense import resample_to_grid
-from drasclr_ext.inference.runner import failure_row, write_failures
+from drasclr_ext.inference.runner import failure_row
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 from drasclr_ext.transforms.atlas_grid import atlas_grid
 from drasclr_ext.transforms.io import subject_name

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -12,26 +10,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from drasclr_ext.errors import DrasCLRError, our_error
-from drasclr_ext.fileio import (
-    LOCK_FILE,
-    OutputLock,
-    atomic_write_bytes,
-    atomic_write_json,
-    clean_stale_temporaries,
-    prepare_output_dir,
-)
-from drasclr_ext.parallel import distributed_rank, gather_to_all, process_group, share
+from drasclr_ext.fileio import FAILURE_FIELDS, FAILURES_FILE, atomic_write_json, write_failures
+from drasclr_ext.parallel import distributed_rank, run_shares
 from drasclr_ext.preprocess.cohort import read_datalist
 from drasclr_ext.transforms.io import subject_names
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-FAILURES_FILE = "failures.csv"
-FAILURE_FIELDS = ("subject", "input", "error", "reason")  # the one failures.csv schema of every cohort command
 
 __all__ = [
     "FAILURES_FILE",
@@ -54,15 +42,6 @@ def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]
         logger.error(f"{subject}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         reason, error = f"unexpected: {exc}", type(exc).__name__
     return {"subject": subject, "input": str(source), "error": error, "reason": reason}
-
-
-def write_failures(path: PathLike, failures: Sequence[dict[str, str]]) -> Path:
-    """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(FAILURE_FIELDS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({key: row.get(key, "") for key in FAILURE_FIELDS} for row in failures)
-    return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 class CohortRunner:
@@ -124,20 +103,14 @@ class CohortRunner:
                 f"no scans found in {self.dataset}: give a folder of CT files or DICOM folders, or a datalist JSON"
             )
         names = subject_names(scans)
-        rank, world = distributed_rank()
-        if world == 1:
-            with OutputLock(self.output_dir):
-                return self._finish(*self._process(list(zip(scans, names))))
-        with process_group():
-            prepare_output_dir(self.output_dir)
-            if rank == 0:
-                clean_stale_temporaries(self.output_dir)
-            dist.barrier()
-            with OutputLock(self.output_dir, name=f"{LOCK_FILE}.rank{rank}", clean=False):
-                mine = self._process(share(list(zip(scans, names)), rank, world))
-            parts = gather_to_all(mine)
-        if rank != 0:
-            return {"rank": rank, "processed": mine[0], "skipped": mine[1], "failed": [f["subject"] for f in mine[2]]}
+        mine, parts = run_shares(self.output_dir, list(zip(scans, names)), lambda work, _: self._process(work))
+        if parts is None:  # a torchrun rank other than 0: rank 0 writes the cohort's files
+            return {
+                "rank": distributed_rank()[0],
+                "processed": mine[0],
+                "skipped": mine[1],
+                "failed": [f["subject"] for f in mine[2]],
+            }
         merged = [sum((part[i] for part in parts), []) for i in range(3)]
         return self._finish(*merged, max(part[3] for part in parts))
 

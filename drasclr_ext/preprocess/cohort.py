@@ -25,24 +25,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-import torch.distributed as dist
 
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.fileio import (
-    LOCK_FILE,
-    OutputLock,
-    atomic_save_npy,
-    atomic_write_json,
-    clean_stale_temporaries,
-    prepare_output_dir,
-)
-from drasclr_ext.parallel import distributed_rank, gather_to_all, process_group, share
+from drasclr_ext.fileio import FAILURES_FILE, atomic_save_npy, atomic_write_json, write_failures
+from drasclr_ext.parallel import distributed_rank, run_shares
 
 __all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-FAILURES_FILE = "failures.csv"
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DATALIST_SECTIONS = ("training", "validation", "test", "testing")
 
@@ -212,9 +203,7 @@ def _run_one(path: str, out: str, atlas: str, atlas_path: Optional[str], k: int,
 
 
 def _write_failures(out: Path, failures: list[dict]) -> Path:
-    """``failures.csv`` in the schema of every cohort command (see ``drasclr_ext.inference.runner``)."""
-    from drasclr_ext.inference.runner import write_failures
-
+    """``out/failures.csv`` (the schema of every cohort command), sorted by subject."""
     return write_failures(out / FAILURES_FILE, sorted(failures, key=lambda f: f["subject"]))
 
 
@@ -254,22 +243,13 @@ def preprocess_cohort(
         raise DrasCLRError(f"no scans found in {datalist}: give a folder of CT files or DICOM folders, or a datalist")
     names = subject_names(scans)
     jobs = [(str(p), str(out), str(atlas), atlas_path, int(k), bool(overwrite), n) for p, n in zip(scans, names)]
-    rank, world = distributed_rank()
-    if world == 1:
-        with OutputLock(out):
-            results = _run_jobs(jobs, workers, progress, failures_to=Path(out))
-        return _finish_cohort(results, len(jobs), Path(out), build_store)
-    with process_group():  # torchrun: every rank its share of the scans, rank 0 writes the cohort's files
-        prepare_output_dir(out)
-        if rank == 0:
-            clean_stale_temporaries(out)
-        dist.barrier()
-        with OutputLock(out, name=f"{LOCK_FILE}.rank{rank}", clean=False):
-            mine = _run_jobs(share(jobs, rank, world), workers, progress)
-        parts = gather_to_all(mine)
-    if rank != 0:
-        return {"rank": rank, "total": len(mine), **_counts(mine)}
-    return _finish_cohort([r for part in parts for r in part], len(jobs), Path(out), build_store)
+    out = Path(out)
+    mine, parts = run_shares(
+        out, jobs, lambda share, alone: _run_jobs(share, workers, progress, failures_to=out if alone else None)
+    )
+    if parts is None:  # a torchrun rank other than 0: rank 0 writes the cohort's files
+        return {"rank": distributed_rank()[0], "total": len(mine), **_counts(mine)}
+    return _finish_cohort([r for part in parts for r in part], len(jobs), out, build_store)
 
 
 def _counts(results: Sequence[dict]) -> dict[str, int]:

@@ -21,6 +21,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from drasclr_ext.transforms.lung_mask import axis_towards
+from drasclr_ext.transforms.patches import mask_bounding_box
 from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = ["HarmoniseNoised", "harmonise_noise", "lung_noise_hu"]
@@ -43,8 +45,7 @@ def _slices_last(
     """Views of the arrays with the axial slice axis (the one closest to the world's head-foot axis) last, the
     affine with its columns in that order, and that axis."""
     affine = np.asarray(affine, np.float64)
-    direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    axis = int(np.argmax(np.abs(direction[2])))
+    axis, _ = axis_towards(affine, 2)
     order = [a for a in range(3) if a != axis] + [axis]
     permuted = affine.copy()
     permuted[:3, :3] = affine[:3, order]
@@ -53,12 +54,9 @@ def _slices_last(
 
 def _lung_box(lung: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The lungs' bounding box grown by ``margin`` voxels in-plane (whole slices along the last axis)."""
-    box = []
-    for axis in range(2):
-        present = np.flatnonzero(lung.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(int(present[0]) - margin, 0), int(present[-1]) + margin + 1))
-    z = np.flatnonzero(lung.any(axis=(0, 1)))
-    return (*box, slice(int(z[0]), int(z[-1]) + 1))
+    lo, hi = mask_bounding_box(lung)  # the caller has found parenchyma, so the lungs are there
+    grow = np.array([margin, margin, 0])
+    return tuple(slice(int(a), int(b)) for a, b in zip(np.maximum(lo - grow, 0), hi + grow))
 
 
 def _parenchyma(hu: np.ndarray, lung: np.ndarray, spacing: np.ndarray) -> np.ndarray:

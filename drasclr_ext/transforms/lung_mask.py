@@ -55,7 +55,7 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
-def _axis_towards(affine: np.ndarray, world_axis: int) -> tuple[int, int]:
+def axis_towards(affine: np.ndarray, world_axis: int) -> tuple[int, int]:
     """Array axis closest to a world (RAS) axis, and +1/-1: whether increasing the index moves along +world."""
     cosines = np.asarray(affine, dtype=np.float64)[:3, :3] / voxel_spacing(affine)
     axis = int(np.argmax(np.abs(cosines[world_axis])))
@@ -132,8 +132,8 @@ def find_trachea_seed(
     Looks in the upper half of the air-inside-body region, from the top down, for a compact 2D component of
     nearly pure air (median below -900 HU, area 0.5-8 cm^2) close to the left-right centre of the body.
     """
-    ax_si, sign_si = _axis_towards(affine_c, 2)
-    ax_lr, _ = _axis_towards(affine_c, 0)
+    ax_si, sign_si = axis_towards(affine_c, 2)
+    ax_lr, _ = axis_towards(affine_c, 0)
     pixel_mm2 = float(np.prod([spacing_c[a] for a in range(3) if a != ax_si]))
     occupied = np.flatnonzero(candidates.any(axis=tuple(a for a in range(3) if a != ax_si)))
     if occupied.size == 0:
@@ -253,7 +253,7 @@ def label_lungs(
     out = np.zeros(lungs.shape, dtype=np.uint8)
     if not keep:
         return out
-    ax_lr, _ = _axis_towards(affine_c, 0)
+    ax_lr, _ = axis_towards(affine_c, 0)
     main = labels == keep[0]
     if midline_x is None:
         midline_x = _world_lr(main, affine_c)
@@ -344,7 +344,7 @@ def compute_lung_mask(
     affine_c = affine @ scale
     spacing_c = spacing * np.asarray(factors)
     voxel_ml = float(np.prod(spacing_c)) / 1000.0
-    ax_si, _ = _axis_towards(affine, 2)
+    ax_si, _ = axis_towards(affine, 2)
 
     air = hu_c < params.threshold
     outside = outside_air(air, ax_si)

@@ -432,12 +432,11 @@ class AtlasRegistration(Transform):
 
 def _moments(fraction: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroid and standard deviation along each world axis (mm) of a lung-fraction map."""
-    weight = fraction.ravel().astype(np.float64)
-    if not weight.sum() > 0:
+    idx = np.argwhere(fraction > 0)
+    if not len(idx):
         raise RegistrationError("the lung mask is empty on the registration grid; check the lung mask")
-    idx = np.stack(np.meshgrid(*(np.arange(n) for n in fraction.shape), indexing="ij"), -1).reshape(-1, 3)
-    points = apply_affine(affine, idx[weight > 0])
-    weight = weight[weight > 0]
+    points = apply_affine(affine, idx)
+    weight = fraction[tuple(idx.T)].astype(np.float64)
     centre = np.average(points, axis=0, weights=weight)
     spread = np.sqrt(np.average((points - centre) ** 2, axis=0, weights=weight))
     return centre, spread
