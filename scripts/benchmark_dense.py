@@ -117,9 +117,9 @@ def network_variants(path: Path, override: dict) -> dict:
     share of lung voxels whose bfloat16 label equals the float32 label."""
     from monai.bundle import ConfigWorkflow
 
-    from drasclr_ext.inference.dense import grid_to_image, subtype_labels
+    from drasclr_ext.geometry import array_and_affine, grid_to_image
+    from drasclr_ext.inference.dense import subtype_labels
     from drasclr_ext.transforms.atlas_grid import atlas_grid
-    from drasclr_ext.transforms.registration import _array_and_affine
 
     wf = ConfigWorkflow(
         config_file=f"{BUNDLE}/configs/inference.json",
@@ -136,8 +136,8 @@ def network_variants(path: Path, override: dict) -> dict:
     grid = atlas_grid(
         d["image"], d["lung_mask"], d["registration"], inferer.atlas, inferer.margin, min_size=inferer.window
     )
-    _, affine = _array_and_affine(d["image"], None)
-    lung = _array_and_affine(d["lung_mask"], affine)[0] > 0
+    _, affine = array_and_affine(d["image"])
+    lung = array_and_affine(d["lung_mask"], affine)[0] > 0
     out, labels = {}, {}
     network = inferer.network
     for name, net, autocast in (

@@ -12,11 +12,10 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
+from drasclr_ext.geometry import grid_to_image, resample_to_grid
 from drasclr_ext.inference.dense import (
     DenseSubtypeInferer,
     DenseSubtypeWriter,
-    grid_to_image,
-    resample_to_grid,
     save_probabilities,
     subtype_labels,
 )

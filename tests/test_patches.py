@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from drasclr_ext.atlas import Atlas, build_landmarks, normalise_corners
 from drasclr_ext.errors import InputImageError
+from drasclr_ext.geometry import apply_affine, mask_bounding_box, resample_affine
 from drasclr_ext.transforms.atlas_grid import AtlasGrid, AtlasLocationd, atlas_grid, location_channels, location_scale
 from drasclr_ext.transforms.patches import (
     AnatomicalPatches,
@@ -19,10 +20,8 @@ from drasclr_ext.transforms.patches import (
     HUWindow,
     HUWindowd,
     hu_window,
-    mask_bounding_box,
-    resample_affine,
 )
-from drasclr_ext.transforms.registration import RegistrationResult, apply_affine
+from drasclr_ext.transforms.registration import RegistrationResult
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ from scipy import ndimage
 
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import RegistrationError
+from drasclr_ext.geometry import apply_affine
 from drasclr_ext.transforms import registration
 from drasclr_ext.transforms.registration import (
     AtlasRegistration,
     AtlasRegistrationd,
     RegistrationResult,
     _itk_image,
-    apply_affine,
     block_average,
 )
 

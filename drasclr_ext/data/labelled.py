@@ -34,12 +34,11 @@ from tqdm.auto import tqdm
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.fileio import atomic_save_npy, atomic_write_json, write_failures
-from drasclr_ext.inference.dense import resample_to_grid
+from drasclr_ext.geometry import array_and_affine, resample_to_grid
 from drasclr_ext.inference.runner import failure_row
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 from drasclr_ext.transforms.atlas_grid import atlas_grid
 from drasclr_ext.transforms.io import subject_name
-from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = [
     "LabelledGridDataset",
@@ -104,7 +103,7 @@ class LoadLabelMapd(MapTransform):
         from monai.transforms import LoadImage
 
         d = dict(data)
-        _, ref_affine = _array_and_affine(d[self.reference_key], None)
+        _, ref_affine = array_and_affine(d[self.reference_key])
         ref_shape = tuple(d[self.reference_key].shape[-3:])
         for key in self.key_iterator(d):
             source = d[key]
@@ -187,7 +186,7 @@ def labelled_grid(data: Mapping[str, Any], atlas: Any = "default", margin: int =
     (1, X, Y, Z) uint8 emphysema labels (nearest neighbour; 0 outside the grid's lung), both MetaTensors with the
     grid's affine, plus ``world_to_atlas`` and ``location_scale`` for the location channels."""
     grid = atlas_grid(data["image"], data["lung_mask"], data["registration"], atlas, margin, min_size=min_size)
-    label, affine = _array_and_affine(data["label"], None)
+    label, affine = array_and_affine(data["label"], what="label")
     grid_label = resample_to_grid(np.asarray(label, np.uint8), affine, grid.affine, grid.shape)
     grid_label[grid.lung == 0] = 0
     return {

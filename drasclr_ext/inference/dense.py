@@ -20,7 +20,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,21 +31,18 @@ from drasclr_ext import __version__
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json, check_finite, prepare_output_dir
+from drasclr_ext.geometry import array_and_affine, grid_to_image, mask_slabs, memory_layout, voxel_spacing
 from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent, perc15
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 from drasclr_ext.quality import scan_quality, subject_quality
 from drasclr_ext.transforms.atlas_grid import AtlasGrid, atlas_grid
-from drasclr_ext.transforms.patches import _memory_layout, mask_bounding_box, resample_affine
-from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = [
     "DenseSubtypeInferer",
     "DenseSubtypeWriter",
     "LungWindowPredictor",
     "dataset_or_phantom",
-    "grid_to_image",
     "render_overview",
-    "resample_to_grid",
     "subtype_labels",
 ]
 
@@ -53,81 +50,13 @@ logger = logging.getLogger(__name__)
 LABEL_COLOURS = {1: (0.55, 0.8, 0.55), 2: (0.9, 0.15, 0.15), 3: (0.15, 0.45, 0.95), 4: (0.95, 0.75, 0.1)}
 
 
-def _channels(shape: Sequence[int], layout: str, allocate: Any = np.zeros) -> np.ndarray:
-    """A float32 (C, X, Y, Z) array from ``allocate`` (``np.zeros``, ``np.empty``) whose channels are each C- or
-    F-ordered (``layout``), channels slowest."""
-    if layout == "C":
-        return allocate(tuple(shape), dtype=np.float32)
-    return allocate((shape[0], *reversed(shape[1:])), dtype=np.float32).transpose(0, 3, 2, 1)
-
-
-def grid_to_image(
-    values: np.ndarray,
-    grid_affine: np.ndarray,
-    image_affine: np.ndarray,
-    image_shape: Sequence[int],
-    mask: np.ndarray,
-    normalise: bool = True,
-) -> np.ndarray:
-    """Resample (C, Xg, Yg, Zg) grid values (trilinear) onto the image's voxels inside ``mask``; 0 elsewhere.
-
-    With ``normalise`` the channels of each masked voxel are divided by their sum (probabilities near the edge of
-    the covered grid otherwise lose mass to the uncovered, all-zero voxels). Each channel of the result has the
-    mask's memory order (Fortran for NIfTI scans), which keeps the later elementwise work and writing fast.
-    """
-    mask = np.asarray(mask) > 0
-    layout = _memory_layout(mask)
-    out = _channels((values.shape[0], *image_shape), layout)
-    image_to_grid = np.linalg.inv(np.asarray(grid_affine, np.float64)) @ np.asarray(image_affine, np.float64)
-    matrix = image_to_grid[:3, :3]
-    for box in _slabs(mask, layout):
-        lo = np.array([b.start for b in box])
-        shape = [b.stop - b.start for b in box]
-        inside, part = mask[box], out[(slice(None), *box)]
-        offset = matrix @ lo + image_to_grid[:3, 3]
-        for c in range(values.shape[0]):
-            resampled = resample_affine(values[c], matrix, offset, shape, order=1, cval=0.0, layout=layout)
-            np.copyto(part[c], resampled, where=inside)
-        if normalise:
-            total = part.sum(axis=0)
-            np.divide(part, total, out=part, where=total > 0)
-    return out
-
-
-def _slabs(mask: np.ndarray, layout: str, voxels: int = 1 << 20) -> Iterator[tuple[slice, ...]]:
-    """Boxes that tile the bounding box of ``mask`` in slabs of about ``voxels`` along its slowest-varying axis:
-    small temporaries, which the allocator reuses instead of mapping (and zeroing) fresh memory for each."""
-    bounds = mask_bounding_box(mask)
-    if bounds is None:
-        return
-    lo, hi = bounds
-    axis = 2 if layout == "F" else 0
-    thickness = max(1, voxels // int(np.prod(np.delete(hi - lo, axis))))
-    for start in range(lo[axis], hi[axis], thickness):
-        box = [slice(a, b) for a, b in zip(lo, hi)]
-        box[axis] = slice(start, min(start + thickness, hi[axis]))
-        yield tuple(box)
-
-
-def resample_to_grid(
-    volume: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape: Sequence[int], order: int = 0
-) -> np.ndarray:
-    """A volume (X, Y, Z) with ``affine`` resampled onto a grid (nearest neighbour by default, 0 outside)."""
-    grid_to_voxel = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(grid_affine, np.float64)
-    volume = np.asarray(volume)
-    out = resample_affine(volume, grid_to_voxel[:3, :3], grid_to_voxel[:3, 3], grid_shape, order=order, cval=0.0)
-    if order and np.issubdtype(volume.dtype, np.integer):
-        out = np.rint(out)  # as scipy, which rounds interpolated values into integer outputs
-    return out.astype(volume.dtype, copy=False)
-
-
 def subtype_labels(probabilities: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
     """uint8 labels {0 outside lung, 1 normal, 2 CLE, 3 PSE, 4 PLE}: the most probable class of each lung voxel of
     (4, X, Y, Z) probabilities."""
     lung = np.asarray(lung_mask) > 0
-    layout = _memory_layout(lung)
+    layout = memory_layout(lung)
     labels = np.zeros(lung.shape, dtype=np.uint8, order=layout)
-    for box in _slabs(lung, layout):
+    for box in mask_slabs(lung, layout):
         best = np.argmax(probabilities[(slice(None), *box)], axis=0).astype(np.uint8)
         labels[box] = np.where(lung[box], best + 1, 0)
     return labels
@@ -235,8 +164,8 @@ class DenseSubtypeInferer:
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(data)
         image, registration = d[self.image_key], d[self.registration_key]
-        hu, affine = _array_and_affine(image, None)
-        lung, _ = _array_and_affine(d[self.mask_key], affine)
+        hu, affine = array_and_affine(image)
+        lung, _ = array_and_affine(d[self.mask_key], affine, "lung mask")
         if lung.shape != hu.shape:
             raise InputImageError(f"lung mask {lung.shape} and image {hu.shape} differ in shape: recompute the mask")
         timings = {}
@@ -298,7 +227,7 @@ def save_probabilities(prob: Any, affine: np.ndarray, path: Union[str, Path]) ->
 def _acquisition(image: Any, affine: np.ndarray, shape: Sequence[int]) -> dict[str, Any]:
     meta = getattr(image, "meta", {}) or {}
     acquisition = dict(meta.get("acquisition") or {})
-    spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     return {
         "shape": [int(s) for s in shape],
         "spacing_mm": [float(s) for s in spacing],
@@ -332,7 +261,7 @@ def render_overview(
     hu_ras = nib.orientations.apply_orientation(hu, ornt)
     rows = [("", label)] if truth is None else [("truth, ", truth), ("predicted, ", label)]
     rows = [(name, nib.orientations.apply_orientation(np.asarray(m), ornt)) for name, m in rows]
-    spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)[ornt[:, 0].astype(int)]
+    spacing = voxel_spacing(affine)[ornt[:, 0].astype(int)]
     lung = rows[-1][1] > 0
     per_y = np.count_nonzero(lung, axis=(0, 2))  # lung voxels per coronal plane
     occupied_z = np.flatnonzero(np.any(lung, axis=(0, 1)))
@@ -397,16 +326,16 @@ class DenseSubtypeWriter:
 
     def report(self, data: Mapping[str, Any], subject_name: str) -> dict[str, Any]:
         image = data["image"]
-        hu, affine = _array_and_affine(image, None)
-        lung, _ = _array_and_affine(data["lung_mask"], affine)
-        label, _ = _array_and_affine(data["subtype_label"], affine)
+        hu, affine = array_and_affine(image)
+        lung, _ = array_and_affine(data["lung_mask"], affine, "lung mask")
+        label, _ = array_and_affine(data["subtype_label"], affine, "subtype label")
         registration = data.get("registration")
         report: dict[str, Any] = {
             "subject": data.get("subject", subject_name),
             "input": str(getattr(image, "meta", {}).get("filename_or_obj", "")),
         }
         raw = data.get("image_raw")  # the scan before noise harmonisation, when it was harmonised
-        hu_raw = _array_and_affine(raw, affine)[0] if raw is not None else hu
+        hu_raw = array_and_affine(raw, affine)[0] if raw is not None else hu
         report.update(emphysema_report(hu_raw, lung, affine, label))
         if data.get("harmonisation") is not None:
             report["harmonisation"] = _harmonisation_section(data["harmonisation"], hu, lung, report)
@@ -440,7 +369,7 @@ class DenseSubtypeWriter:
 
         subject_dir = Path(subject_dir)
         image = data["image"]
-        hu, affine = _array_and_affine(image, None)
+        hu, affine = array_and_affine(image)
         # the probability map, the largest file, is written on a second thread meanwhile (numpy and zlib release
         # the GIL, so the two cores share the work)
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -449,7 +378,7 @@ class DenseSubtypeWriter:
             save_like(data["lung_mask"], image, subject_dir / "lung_mask.nii.gz", np.uint8)
             report = self.report(data, subject_dir.name)
             if self.overview:
-                label, _ = _array_and_affine(data["subtype_label"], affine)
+                label, _ = array_and_affine(data["subtype_label"], affine, "subtype label")
                 flags = ", ".join(f["flag"] for f in report["quality"])
                 title = f"{report['subject']}" + (f"  (quality flags: {flags})" if flags else "")
                 render_overview(hu, label, affine, subject_dir / "overview.png", title=title)

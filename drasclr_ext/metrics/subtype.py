@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from ignite.metrics import Metric
 
+from drasclr_ext.geometry import array_and_affine
 from drasclr_ext.metrics.emphysema import SUBTYPE_NAMES, laa950_percent, lung_regions
-from drasclr_ext.transforms.registration import _array_and_affine
 
 __all__ = ["SubtypeMetric", "SubtypeScores"]
 
@@ -197,8 +197,8 @@ class SubtypeMetric(Metric):
     def update(self, output: tuple[dict[str, Any], Any]) -> None:
         pred, truth = output
         # LAA-950 on the raw scan, as in the report (the model may have seen it noise-harmonised)
-        hu, affine = _array_and_affine(pred.get("image_raw", pred["image"]), None)
-        lung, _ = _array_and_affine(pred["lung_mask"], affine)
+        hu, affine = array_and_affine(pred.get("image_raw", pred["image"]))
+        lung, _ = array_and_affine(pred["lung_mask"], affine, "lung mask")
         label, prob, truth = (_numpy(x) for x in (pred["subtype_label"], pred["subtype_prob"], truth))
         self.scores.add(str(pred.get("subject", len(self.scores.subjects))), label, prob, truth, hu, lung, affine)
 

@@ -22,15 +22,16 @@ from monai.transforms import MapTransform
 
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
-from drasclr_ext.transforms.patches import (
-    HU_MIN,
-    _memory_layout,
-    _unit_axes,
-    hu_window,
+from drasclr_ext.geometry import (
+    apply_affine,
+    array_and_affine,
     mask_bounding_box,
+    memory_layout,
     resample_affine,
+    unit_axes,
 )
-from drasclr_ext.transforms.registration import RegistrationResult, _array_and_affine, apply_affine
+from drasclr_ext.transforms.patches import HU_MIN, hu_window
+from drasclr_ext.transforms.registration import RegistrationResult
 
 __all__ = ["AtlasGrid", "AtlasLocationd", "atlas_grid", "location_channels", "location_scale"]
 
@@ -111,14 +112,14 @@ def atlas_grid(
     ``image`` (HU) and ``lung_mask`` share one grid: MetaTensors, or arrays with ``affine``.
     """
     atlas = load_atlas(atlas, atlas_path)
-    hu, hu_affine = _array_and_affine(image, affine)
-    lung, _ = _array_and_affine(lung_mask, hu_affine)
+    hu, hu_affine = array_and_affine(image, affine)
+    lung, _ = array_and_affine(lung_mask, hu_affine, "lung mask")
     if lung.shape != hu.shape:
         raise InputImageError(f"lung mask shape {lung.shape} differs from the image's {hu.shape}; recompute the mask")
     bounds = mask_bounding_box(lung > 0)
     if bounds is None:
         raise InputImageError("the lung mask is empty; the dense model needs lungs: check the scan and its lung mask")
-    axes = _unit_axes(atlas.affine)
+    axes = unit_axes(atlas.affine)
     # the lung bounding box (voxel box corners) in the grid frame u = axes^T world
     lo_v, hi_v = bounds[0] - 0.5, bounds[1] - 0.5
     box = np.array(np.meshgrid(*zip(lo_v, hi_v), indexing="ij")).reshape(3, -1).T
@@ -132,7 +133,7 @@ def atlas_grid(
     grid_affine[:3, 3] = axes @ lo
     # resample HU (trilinear) and the lung labels (nearest) onto the grid, in the image's memory order
     grid_to_voxel = np.linalg.inv(hu_affine) @ grid_affine
-    m, t, layout = grid_to_voxel[:3, :3], grid_to_voxel[:3, 3], _memory_layout(hu)
+    m, t, layout = grid_to_voxel[:3, :3], grid_to_voxel[:3, 3], memory_layout(hu)
     grid = hu_window(resample_affine(hu, m, t, shape, order=1, cval=HU_MIN, layout=layout))
     lung_grid = resample_affine(np.asarray(lung, dtype=np.uint8), m, t, shape, order=0, cval=0, layout=layout)
     world_to_atlas = np.linalg.inv(atlas.affine) @ registration.subject_to_atlas

@@ -21,9 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from drasclr_ext.transforms.lung_mask import axis_towards
-from drasclr_ext.transforms.patches import mask_bounding_box
-from drasclr_ext.transforms.registration import _array_and_affine
+from drasclr_ext.geometry import array_and_affine, axis_towards, mask_bounding_box, voxel_spacing
 
 __all__ = ["HarmoniseNoised", "harmonise_noise", "lung_noise_hu"]
 
@@ -77,7 +75,7 @@ class _NoiseProbe:
     smoothing without recomputing the selection."""
 
     def __init__(self, hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices: int = 12) -> None:
-        spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+        spacing = voxel_spacing(affine)
         self.pixel_mm = float(np.mean(spacing[:2]))
         index = _sample_slices(lung, slices)
         self.images = [np.asarray(hu[:, :, k], np.float32) for k in index]
@@ -147,8 +145,8 @@ class HarmoniseNoised(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            hu, affine = _array_and_affine(d[key], None)
-            lung, _ = _array_and_affine(d[self.mask_key], affine)
+            hu, affine = array_and_affine(d[key])
+            lung, _ = array_and_affine(d[self.mask_key], affine, "lung mask")
             if not self.enabled:
                 noise = lung_noise_hu(hu, lung, affine)
                 d[self.info_key] = {"target_noise_hu": None, "noise_hu": noise, "sigma_mm": 0.0, "applied": False}

@@ -15,7 +15,7 @@ patch centred there), normalised with the atlas landmarks' per-axis maximum exac
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Optional, Sequence, Union
+from typing import Any, Hashable, Mapping, Optional, Union
 
 import numpy as np
 from monai.config import KeysCollection
@@ -23,7 +23,8 @@ from monai.transforms import MapTransform, ScaleIntensityRange, Transform
 from scipy import ndimage
 
 from drasclr_ext.atlas import Atlas, load_atlas
-from drasclr_ext.transforms.registration import RegistrationResult, _array_and_affine, apply_affine
+from drasclr_ext.geometry import apply_affine, array_and_affine, unit_axes
+from drasclr_ext.transforms.registration import RegistrationResult
 
 __all__ = [
     "HU_MAX",
@@ -33,8 +34,6 @@ __all__ = [
     "HUWindow",
     "HUWindowd",
     "hu_window",
-    "mask_bounding_box",
-    "resample_affine",
     "sample_patches",
 ]
 
@@ -74,130 +73,6 @@ class HUWindowd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.window(d[key])
         return d
-
-
-def mask_bounding_box(mask: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Index bounds ``(lo, hi)`` (``hi`` exclusive) of the nonzero voxels of a 3D mask, or None when it is empty.
-
-    From the mask's projections onto each axis: no (N, 3) index array of the voxels.
-    """
-    mask = np.asarray(mask)
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        occupied = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if occupied.size == 0:
-            return None
-        lo.append(occupied[0])
-        hi.append(occupied[-1] + 1)
-    return np.array(lo), np.array(hi)
-
-
-def _axis_sources(matrix: np.ndarray, output_shape: Sequence[int], tolerance: float = 1e-6) -> Optional[np.ndarray]:
-    """For an axis-aligned ``matrix`` (output index -> input coordinate), the input axis each output axis reads;
-    None when an off-axis term moves some sample by more than ``tolerance`` voxels (an oblique map)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    source = np.argmax(np.abs(m), axis=0)
-    if len(set(source.tolist())) != m.shape[0]:
-        return None
-    off_axis = np.abs(m)
-    off_axis[source, np.arange(m.shape[1])] = 0.0
-    return None if (off_axis @ np.asarray(output_shape, np.float64)).max() > tolerance else source
-
-
-def _interpolate_axis(
-    volume: np.ndarray, axis: int, index: np.ndarray, fraction: Optional[np.ndarray], valid: np.ndarray, cval: float
-) -> np.ndarray:
-    """One separable pass: ``volume`` sampled along ``axis`` at ``index`` (+ ``fraction`` towards the next voxel,
-    linear; None: nearest); ``cval`` where not ``valid``."""
-    out = np.take(volume, index, axis=axis)
-    if fraction is not None and volume.shape[axis] > 1:
-        shape = [1] * volume.ndim
-        shape[axis] = -1
-        step = np.take(volume, index + 1, axis=axis)
-        step -= out
-        step *= fraction.astype(volume.dtype).reshape(shape)
-        out += step
-    if not valid.all():
-        where: list[Any] = [slice(None)] * volume.ndim
-        where[axis] = ~valid
-        out[tuple(where)] = cval
-    return out
-
-
-def resample_affine(
-    volume: np.ndarray,
-    matrix: np.ndarray,
-    offset: Sequence[float],
-    output_shape: Sequence[int],
-    order: int = 1,
-    cval: float = 0.0,
-    layout: str = "C",
-) -> np.ndarray:
-    """``scipy.ndimage.affine_transform(volume, matrix, offset, output_shape, order=order, mode="constant",
-    cval=cval, prefilter=False)`` for order 0 (nearest) or 1 (trilinear), much faster for axis-aligned maps.
-
-    When every output axis reads a single input axis (scalings, flips and axis permutations: CT grids and atlases
-    without obliquity), the volume is interpolated one axis at a time on the part the samples need: the same
-    values up to float32 rounding (order 1) and the same voxels (order 0). Other maps go to scipy. Order 1 returns
-    float32, order 0 the volume's dtype; ``layout`` "C" or "F" is the memory order of the result (match the
-    arrays it will be combined with: elementwise work and NIfTI writing are several times slower across orders).
-    """
-    if order not in (0, 1) or layout not in ("C", "F"):
-        raise ValueError(f"order must be 0 or 1 and layout 'C' or 'F', got {order} and {layout!r}")
-    volume = np.asarray(volume)
-    matrix = np.asarray(matrix, dtype=np.float64)
-    offset = np.asarray(offset, dtype=np.float64)
-    output_shape = tuple(int(s) for s in output_shape)
-    dtype = np.dtype(np.float32) if order else volume.dtype
-    source = _axis_sources(matrix, output_shape)
-    if source is None:
-        out = ndimage.affine_transform(
-            volume,
-            matrix,
-            offset,
-            output_shape=output_shape,
-            output=dtype,
-            order=order,
-            mode="constant",
-            cval=cval,
-            prefilter=False,
-        )
-        return np.asfortranarray(out) if layout == "F" else out
-    work = volume.transpose(source)  # axis a of ``work`` is read by output axis a
-    crop, samples = [], []
-    for a in range(3):
-        n = work.shape[a]
-        coords = matrix[source[a], a] * np.arange(output_shape[a]) + offset[source[a]]
-        valid = (coords >= 0) & (coords <= n - 1)  # scipy's "constant" mode: cval outside [0, n - 1]
-        if order:
-            index = np.clip(np.floor(coords), 0, max(n - 2, 0)).astype(np.intp)
-        else:
-            index = np.clip(np.floor(coords + 0.5), 0, n - 1).astype(np.intp)
-        used = index[valid]
-        lo = int(used.min()) if used.size else 0
-        hi = min(int(used.max()) + 1 + order, n) if used.size else 1
-        crop.append(slice(lo, hi))
-        samples.append((np.clip(index - lo, 0, max(hi - lo - 1 - order, 0)), coords - index if order else None, valid))
-    work = work[tuple(crop)].astype(dtype, copy=False)
-    if layout == "F":  # compute in reversed axis order: a C-ordered result there is F-ordered here
-        work, samples = work.transpose(2, 1, 0), samples[::-1]
-    if list(work.strides) != sorted(work.strides, reverse=True):
-        work = np.ascontiguousarray(work)
-    growth = [len(samples[a][0]) / work.shape[a] for a in range(3)]
-    for a in sorted(range(3), key=lambda a: growth[a]):  # shrinking axes first: later passes handle less data
-        work = _interpolate_axis(work, a, *samples[a], cval)
-    return work.transpose(2, 1, 0) if layout == "F" else work
-
-
-def _memory_layout(array: np.ndarray) -> str:
-    """The memory order of an array: "F" when Fortran-ordered (NIfTI and ITK volumes), else "C"."""
-    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
-
-
-def _unit_axes(affine: np.ndarray) -> np.ndarray:
-    """The 3x3 matrix of unit direction vectors of an affine's voxel axes (columns)."""
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return linear / np.linalg.norm(linear, axis=0)
 
 
 def sample_patches(
@@ -261,10 +136,10 @@ class AnatomicalPatches(Transform):
     def __call__(
         self, image: Any, registration: RegistrationResult, affine: Optional[np.ndarray] = None
     ) -> dict[str, np.ndarray]:
-        hu, hu_affine = _array_and_affine(image, affine)
+        hu, hu_affine = array_and_affine(image, affine)
         centres = self.centres_world(registration)
         patches = sample_patches(
-            hu, hu_affine, centres, _unit_axes(self.atlas.affine), self.atlas.patch_size, chunk=self.chunk
+            hu, hu_affine, centres, unit_axes(self.atlas.affine), self.atlas.patch_size, chunk=self.chunk
         )
         return {
             "patches": patches,

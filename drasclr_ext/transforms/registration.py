@@ -29,23 +29,17 @@ from scipy import ndimage
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import RegistrationError
 from drasclr_ext.fileio import atomic_write_json
+from drasclr_ext.geometry import apply_affine, array_and_affine, voxel_spacing
 
 __all__ = [
     "AtlasRegistration",
     "AtlasRegistrationd",
     "RegistrationResult",
-    "apply_affine",
     "block_average",
     "dice_in_atlas_space",
 ]
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
-
-
-def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 affine to (..., 3) points."""
-    points = np.asarray(points, dtype=np.float64)
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 @dataclass
@@ -124,7 +118,7 @@ def block_average(mask: np.ndarray, affine: np.ndarray, grid_mm: float) -> tuple
     Returns the float32 fraction image and its affine (voxel centres at the blocks' centres).
     """
     affine = np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     factors = np.maximum(1, np.round(grid_mm / spacing)).astype(int)
     shape = np.array(mask.shape) // factors
     if np.any(shape < 1):
@@ -310,7 +304,7 @@ class AtlasRegistration(Transform):
 
     def __call__(self, mask: Any, affine: Optional[np.ndarray] = None) -> RegistrationResult:
         start = time.perf_counter()
-        array, affine = _array_and_affine(mask, affine)
+        array, affine = array_and_affine(mask, affine, "lung mask")
         lung_voxels = int(np.count_nonzero(array))
         if lung_voxels == 0:
             raise RegistrationError(
@@ -453,21 +447,6 @@ def _moment_match(
     matrix[:3, :3] = np.diag(scale)
     matrix[:3, 3] = moving_centre - scale * fixed_centre
     return matrix, float("nan"), 0, "moments"
-
-
-def _array_and_affine(mask: Any, affine: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """A (X, Y, Z) numpy mask and its affine from a MetaTensor / tensor / array (channel dim of 1 dropped)."""
-    if affine is None:
-        affine = getattr(mask, "affine", None)
-        if affine is None:
-            raise RegistrationError("the lung mask has no affine; pass a MetaTensor or `affine`")
-    affine = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
-    array = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise RegistrationError(f"expected a 3D lung mask (X, Y, Z) or (1, X, Y, Z), got shape {array.shape}")
-    return array, affine
 
 
 class AtlasRegistrationd(MapTransform):
