@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -62,6 +63,43 @@ def check_finite(array: Any, what: PathLike) -> None:
             f"refusing to write {what}: {bad} of {arr.size} values are NaN or infinite. The computation went wrong "
             "for this scan; check its values (or report it)"
         )
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def write_nifti(
+    path: PathLike,
+    array: Any,
+    affine: Any,
+    dtype: Any = None,
+    *,
+    slope: Optional[float] = None,
+    intent: Optional[tuple[str, str]] = None,
+) -> Path:
+    """Write ``array`` (X, Y, Z) or (X, Y, Z, C) as a NIfTI-1 file atomically: ``affine`` as both sform and qform
+    (code 1), millimetre units, optional scaling ``slope`` and ``intent`` (code, name). Float data must be finite.
+    ``.nii.gz`` files are gzip level 1 with no timestamp, so the same data gives the same bytes."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"{path} should end in .nii.gz or .nii")
+    arr = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
+    check_finite(arr, path)
+    affine = np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(arr, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    if slope is not None:
+        image.header.set_slope_inter(slope, 0.0)
+    if intent is not None:
+        image.header.set_intent(intent[0], (), name=intent[1])
+    data = image.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    return atomic_write_bytes(path, data)
 
 
 def atomic_save_npy(path: PathLike, array: np.ndarray) -> Path:

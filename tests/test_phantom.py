@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from drasclr_ext.data import phantom as phantom_module
 from drasclr_ext.data.phantom import canonical_lung_mask, generate_phantom, write_phantom_cohort
+from drasclr_ext.data.phantom import cohort as phantom_cohort_module
 from drasclr_ext.errors import DrasCLRError
 from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent
 
@@ -180,7 +180,7 @@ def test_cohort_writes_cases_and_datalist_and_resumes(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a written case was generated again")
 
-    monkeypatch.setattr(phantom_module, "generate_phantom", fail)
+    monkeypatch.setattr(phantom_cohort_module, "generate_phantom", fail)
     write_phantom_cohort(tmp_path, n=3, seed=20, shape=(48, 48, 32))  # resumes: nothing regenerated
     (tmp_path / "phantom_00021.json").unlink()  # an incomplete case is regenerated
     with pytest.raises(AssertionError, match="generated again"):
@@ -195,26 +195,26 @@ def test_cli_phantom_command(tmp_path):
 
 
 def _capsule_grid(spacing):
-    from drasclr_ext.data.phantom import _Grid
+    from drasclr_ext.data.phantom.grid import Grid
 
     shape = tuple(int(round(40.0 / s)) for s in spacing)
-    return _Grid(shape, spacing, np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2]), -20.0), shape
+    return Grid(shape, spacing, np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2]), -20.0), shape
 
 
 @pytest.mark.parametrize("spacing, centre_fraction", [((1.0, 1.0, 1.0), 1.0), ((1.0, 1.0, 5.0), 0.3)])
 def test_capsules_fill_thick_slices_by_their_share_of_the_slab(spacing, centre_fraction):
     """A 1.5 mm lucency centred in a 5 mm slice fills about a third of its voxel (not all of it); the painted volume
     (fraction x voxel volume) of a capsule is its volume whatever the slice thickness."""
-    from drasclr_ext.data.phantom import _paint_capsules
+    from drasclr_ext.data.phantom.grid import paint_capsules
 
     grid, shape = _capsule_grid(spacing)
     centre = grid.to_mm(np.array(shape, float) // 2)
     small = np.zeros(shape, np.float32)
-    _paint_capsules(small, grid, centre[None], centre[None], np.array([0.75]))
+    paint_capsules(small, grid, centre[None], centre[None], np.array([0.75]))
     assert small.max() == pytest.approx(centre_fraction, abs=0.02)
     assert small[tuple(np.array(shape) // 2)] == small.max()
     capsule = np.zeros(shape, np.float32)
-    _paint_capsules(capsule, grid, centre[None] - [8.0, 0, 0], centre[None] + [8.0, 0, 0], np.array([2.0]))
+    paint_capsules(capsule, grid, centre[None] - [8.0, 0, 0], centre[None] + [8.0, 0, 0], np.array([2.0]))
     volume = np.pi * 2.0**2 * 16.0 + 4.0 / 3.0 * np.pi * 2.0**3  # cylinder + two half balls, mm^3
     assert capsule.sum() * np.prod(spacing) == pytest.approx(volume, rel=0.06)
     # its 4 mm wide core fills whole 1 mm voxels, and 4/5 of a 5 mm slab

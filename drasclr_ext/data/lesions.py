@@ -345,7 +345,7 @@ def _place_ple(
     """A smooth region in the lower third of one lung (``fraction`` of that lung's volume): the voxels nearest a
     deep centre in the lowest fifth (height counted 1.6 times), the distance perturbed by smooth noise; its largest
     connected part; edge blurred over ``edge_mm``."""
-    from drasclr_ext.data.phantom import _smooth_field
+    from drasclr_ext.data.phantom.grid import smooth_field
 
     geo = painter.geo
     labels = sorted(heights)
@@ -367,7 +367,7 @@ def _place_ple(
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     x, y, z = geo.offsets(box, centre)
     score = np.sqrt(x**2 + y**2 + (1.6 * z) ** 2).astype(np.float32)  # flatter than tall: less cut by the third
-    score += 8.0 * _smooth_field(rng, score.shape, geo.spacing, 25.0)
+    score += 8.0 * smooth_field(rng, score.shape, geo.spacing, 25.0)
     score[~lower[box]] = np.inf
     thr = np.partition(score.ravel(), n_target - 1)[n_target - 1]
     region = score <= thr

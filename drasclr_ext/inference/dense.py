@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from monai.inferers import sliding_window_inference
 from drasclr_ext import __version__
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import InputImageError
-from drasclr_ext.fileio import atomic_write, atomic_write_bytes, atomic_write_json, check_finite, prepare_output_dir
+from drasclr_ext.fileio import atomic_write, atomic_write_json, check_finite, prepare_output_dir, write_nifti
 from drasclr_ext.geometry import array_and_affine, grid_to_image, mask_slabs, memory_layout, voxel_spacing
 from drasclr_ext.metrics.emphysema import emphysema_report, laa950_percent, perc15
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
@@ -196,15 +195,8 @@ class DenseSubtypeInferer:
         return d
 
 
-def _write_nifti_gz(image: Any, path: Path) -> Path:
-    """Write a nibabel image as .nii.gz atomically (gzip level 1: fast, most of the gain)."""
-    return atomic_write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1))
-
-
 def save_probabilities(prob: Any, affine: np.ndarray, path: Union[str, Path]) -> Path:
     """Write (C, X, Y, Z) probabilities as an (X, Y, Z, C) NIfTI, stored as uint8 with slope 1/255, atomically."""
-    import nibabel as nib
-
     array = prob.detach().cpu().numpy() if isinstance(prob, torch.Tensor) else np.asarray(prob)
     check_finite(array, path)
     # NIfTI's own (Fortran) order, filled a few slices at a time: no full-size float temporary, no transposed write
@@ -215,13 +207,7 @@ def save_probabilities(prob: Any, affine: np.ndarray, path: Union[str, Path]) ->
             scaled = np.multiply(array[c, ..., k : k + slab], np.float32(255.0))
             np.clip(scaled, 0.0, 255.0, out=scaled)
             data[..., k : k + slab, c] = np.rint(scaled, out=scaled)
-    image = nib.Nifti1Image(data, affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    image.header.set_slope_inter(1.0 / 255.0, 0.0)
-    image.header.set_intent("vector", (), name="subtype probability")
-    return _write_nifti_gz(image, Path(path))
+    return write_nifti(path, data, affine, slope=1.0 / 255.0, intent=("vector", "subtype probability"))
 
 
 def _acquisition(image: Any, affine: np.ndarray, shape: Sequence[int]) -> dict[str, Any]:
@@ -394,13 +380,11 @@ def dataset_or_phantom(
     if dataset_dir:
         return dataset_dir
     prepare_output_dir(output_dir)  # a bad output directory is a run-level error, stated before any work
-    import nibabel as nib
-
     from drasclr_ext.data.phantom import generate_phantom
 
     path = Path(output_dir) / "embedded_phantom" / f"phantom_{int(seed):05d}.nii.gz"
     if not path.is_file():
         logger.info(f"no dataset_dir given: generating phantom {seed} into {path}")
         phantom = generate_phantom(int(seed), resolution_scale=float(resolution_scale))
-        _write_nifti_gz(nib.Nifti1Image(phantom["image"].astype(np.int16), phantom["affine"]), path)
+        write_nifti(path, phantom["image"], phantom["affine"], np.int16)
     return [str(path)]
