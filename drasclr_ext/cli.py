@@ -24,12 +24,15 @@ def preprocess(
     atlas_path: str = None,
     k: int = 2,
     overwrite: bool = False,
+    threads: int = None,
     **kwargs,
 ):
     """Preprocess a cohort (datalist JSON or folder of scans) into anatomical patches under ``out``.
 
     Writes ``out/<subject>/`` (lung mask, patches, transform, meta.json), ``out/failures.csv`` and ``out/store``;
     finished subjects are skipped on a rerun. ``--atlas drasclr --atlas_path DIR`` uses the DrasCLR COPDGene atlas.
+    ``--threads N`` (or ``$DRASCLR_THREADS``) sets the torch threads per process; by default processes x threads
+    fill the usable cores.
     """
     from drasclr_ext.preprocess.cohort import preprocess_cohort
 
@@ -41,6 +44,7 @@ def preprocess(
         atlas_path=atlas_path,
         k=k,
         overwrite=overwrite,
+        threads=threads,
         **kwargs,
     )
 
@@ -77,6 +81,23 @@ def package(out: str, bundles: str | list | None = None, bundles_dir: str = "bun
     print(format_summary(package_bundles(bundles_dir, out, names=names, schema=schema)))
 
 
+def release(
+    out: str,
+    bundles: str | list | None = None,
+    bundles_dir: str = "bundles",
+    schema: str = None,
+    source: str = ".",
+    isolation: bool = True,
+):
+    """Write the release folder ``out``: the wheel and sdist of drasclr-ext (``python -m build`` of ``--source``),
+    the bundle zips with their .sha256 and ``SHA256SUMS``. ``--noisolation`` builds offline with the installed
+    setuptools (as ``scripts/package_bundles.py --release``)."""
+    from drasclr_ext.distribution import build_release, format_release
+
+    names = [bundles] if isinstance(bundles, str) else bundles
+    print(format_release(build_release(out, source, bundles_dir, names=names, schema=schema, isolation=isolation)))
+
+
 COMMANDS = {
     "phantom": phantom,
     "preprocess": preprocess,
@@ -84,6 +105,7 @@ COMMANDS = {
     "demo": demo,
     "download": download,
     "package": package,
+    "release": release,
 }
 
 

@@ -1,22 +1,39 @@
-"""Cohort commands under ``torchrun``: which share of the scans this process takes, and gathering the shares.
+"""Cohort commands under ``torchrun``: which share of the scans this process takes, gathering the shares, and how
+many threads each process uses.
 
 ``torchrun`` (on one node or several) sets ``RANK`` and ``WORLD_SIZE``; a cohort command gives each process every
 ``WORLD_SIZE``-th scan from its ``RANK`` on, and rank 0 gathers the results (over a gloo process group) to write the
-cohort's files once.
+cohort's files once. :func:`set_threads` keeps processes x torch threads within the cores a process may use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
+import torch
 import torch.distributed as dist
 
+from drasclr_ext.errors import DrasCLRError
 from drasclr_ext.fileio import LOCK_FILE, OutputLock, clean_stale_temporaries, prepare_output_dir
 
-__all__ = ["distributed_rank", "gather_to_all", "process_group", "run_shares", "share"]
+__all__ = [
+    "THREADS_ENV",
+    "distributed_rank",
+    "gather_to_all",
+    "process_group",
+    "run_shares",
+    "set_threads",
+    "share",
+    "threads_per_process",
+    "usable_cores",
+]
+
+THREADS_ENV = "DRASCLR_THREADS"
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -80,3 +97,63 @@ def run_shares(
             mine = process(share(work, rank, world), False)
         parts = gather_to_all(mine)
     return mine, parts if rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+
+
+def usable_cores() -> int:
+    """The number of CPU cores this process may run on: its affinity (``taskset``, cgroup cpusets), else all CPUs."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
+def _positive_int(value: Any, source: str) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise DrasCLRError(f"{source} must be a whole number of threads >= 1, got {value!r}")
+    return number
+
+
+def threads_per_process(
+    workers: int = 1,
+    threads: Optional[int] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    cores: Optional[int] = None,
+) -> int:
+    """The torch intra-op threads for one process of a cohort command.
+
+    The first that is set: ``threads``; ``$DRASCLR_THREADS``; ``$OMP_NUM_THREADS``; else the usable cores divided
+    by the processes that share them (``workers`` per torchrun process times torchrun's ``LOCAL_WORLD_SIZE``),
+    at least 1, so that processes x threads never exceed the cores.
+
+    Args:
+        workers: worker processes that this process starts (each runs scans), 1 when it runs them itself.
+        threads: an explicit number of threads (``--threads``), None for the rule.
+        environ: the environment (default ``os.environ``).
+        cores: the usable cores (default :func:`usable_cores`).
+
+    Raises:
+        DrasCLRError: an override or ``workers`` that is not a whole number >= 1.
+    """
+    env = os.environ if environ is None else environ
+    if threads is not None:
+        return _positive_int(threads, "threads")
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        if env.get(name, "").strip():
+            return _positive_int(env[name], f"${name}")
+    processes = _positive_int(workers, "workers") * _positive_int(env.get("LOCAL_WORLD_SIZE", "1"), "LOCAL_WORLD_SIZE")
+    return max(1, (usable_cores() if cores is None else cores) // processes)
+
+
+def set_threads(workers: int = 1, threads: Optional[int] = None) -> int:
+    """``torch.set_num_threads`` to :func:`threads_per_process` (``workers``, ``threads``); returns the number."""
+    number = threads_per_process(workers, threads)
+    torch.set_num_threads(number)
+    logger.info("torch threads per process: %d (%d usable cores)", number, usable_cores())
+    return number

@@ -1,14 +1,22 @@
-"""Helpers for the model-zoo-style bundle tests: bundle paths, workflows, a small phantom scan."""
+"""Helpers for the model-zoo-style bundle tests: bundle paths, workflows, a small phantom scan, a local HTTP server
+and a local mirror of the large files' download addresses."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
+import yaml
 
 from tests.conftest import REPO_ROOT
 
@@ -78,3 +86,47 @@ def check_network_export(name: str, network, tmp_path: Path) -> None:
     x = torch.rand(2, 4, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), net(x))
+
+
+GITHUB_RAW = "https://raw.githubusercontent.com"
+LOCAL_HOSTS = "127.0.0.1,localhost"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving ``folder`` during the block (set ``NO_PROXY`` to :data:`LOCAL_HOSTS` for
+    the clients)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def mirror_large_files(bundle: Path, www: Path, server: str, sources: Path, subdir: str = "mirror") -> list[dict]:
+    """Mirror the atlas files (``data/`` entries) of ``bundle``'s ``large_files.yml``, taken from ``sources``, under
+    ``www/subdir/`` laid out as on raw.githubusercontent.com, and map only the host of their ``url`` to
+    ``server/subdir``. Rewrites ``large_files.yml`` (the other entries unchanged); returns the mirrored entries."""
+    path = bundle / "large_files.yml"
+    entries, mirrored = [], []
+    for entry in yaml.safe_load(path.read_text())["large_files"]:
+        if entry["path"].startswith("data/"):
+            url = entry["url"]
+            assert url.startswith(f"{GITHUB_RAW}/batmanlab/DrasCLR/main/preprocess/misc/"), url
+            target = www / subdir / url.removeprefix(f"{GITHUB_RAW}/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sources / Path(entry["path"]).name, target)
+            entry = {**entry, "url": url.replace(GITHUB_RAW, f"{server}/{subdir}")}
+            mirrored.append(entry)
+        entries.append(entry)
+    path.write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
+    return mirrored

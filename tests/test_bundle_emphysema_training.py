@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -46,8 +47,9 @@ def trained(tmp_path_factory):
     args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.json")]
     args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
     args += ["--dataset_dir", str(root / "cohort" / "training_only.json"), "--output_dir", str(root / "out"), *FAST]
-    run_bundle_cli(args, cwd=workdir)
-    return {"root": root, "bundle": bundle, "before": before, "datalist": root / "cohort" / "datalist.json"}
+    proc = run_bundle_cli(args, cwd=workdir)
+    log = proc.stdout + proc.stderr
+    return {"root": root, "bundle": bundle, "before": before, "datalist": root / "cohort" / "datalist.json", "log": log}
 
 
 def test_training_rewrites_the_weights_and_their_listed_hash(trained):
@@ -61,6 +63,13 @@ def test_training_rewrites_the_weights_and_their_listed_hash(trained):
     changed = [k for k, v in floats.items() if not torch.equal(encoder[k], v)]
     assert changed, "the encoder is trainable by default: fine-tuning must move its weights"
     assert list((trained["root"] / "out" / "checkpoints").glob("checkpoint_epoch=1.pt"))
+
+
+def test_training_reports_its_key_metric(trained):
+    """``train#key_metric``: the lung-voxel accuracy of the training windows, logged at the end of the epoch."""
+    match = re.search(r"Epoch\[1\] Metrics -- train_accuracy: ([0-9.]+)", trained["log"])
+    assert match, trained["log"][-3000:]
+    assert 0.0 <= float(match.group(1)) <= 1.0
 
 
 def test_a_broken_training_scan_is_listed_and_the_others_train(trained):
@@ -118,7 +127,9 @@ def test_two_process_training_with_the_multi_gpu_overlay(trained):
     args += ["--output_dir", str(root / "ddp"), "--cache_dir", str(root / "out" / "grid_cache"), *FAST]
     args[args.index("--epoch_length") + 1] = "1"
     proc = run_bundle_cli(args, cwd=root / "elsewhere")
-    assert "Key metric: val_mean_dice" in proc.stdout + proc.stderr  # rank 0 validated (single-module inference)
+    log = proc.stdout + proc.stderr
+    assert "Key metric: val_mean_dice" in log  # rank 0 validated (single-module inference)
+    assert "train_accuracy" in log  # the overlay keeps train#key_metric
     assert sha256sum(model) != before  # and exported its best weights
     assert large_file_hash(bundle, model) == sha256sum(model)
     load_bundle_weights(DrasCLRSegNet(), model, bundle)

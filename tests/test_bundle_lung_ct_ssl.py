@@ -91,6 +91,7 @@ def test_train_then_resume(preprocessed, tmp_path):
     resumed.run()
     trainer = resumed.trainer
     assert trainer.state.epoch == 2 and trainer.state.iteration == 4  # continued, not restarted
+    assert 0.0 <= trainer.state.metrics["train_acc_local"] <= 1.0  # train#key_metric: the epoch's top-1 accuracy
     resumed.finalize()
     assert sorted(p.name for p in ckpt_dir.glob("checkpoint_*")) == ["checkpoint_epoch=2.pt"]
     second = torch.load(ckpt_dir / "model.pt", weights_only=True)

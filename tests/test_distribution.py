@@ -8,16 +8,13 @@ Both bundles are packaged once per module, and a second time alongside to check 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
 import struct
-import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -41,16 +38,19 @@ from drasclr_ext.errors import CheckpointError
 from drasclr_ext.fileio import sha256sum
 from drasclr_ext.networks import DrasCLRFeatures
 from drasclr_ext.networks.segmentation import DrasCLRSegNet
-from tests.bundle_utils import BUNDLES, PYTHON, run_bundle_cli, write_small_phantom
+from tests.bundle_utils import (
+    BUNDLES,
+    LOCAL_HOSTS,
+    PYTHON,
+    mirror_large_files,
+    run_bundle_cli,
+    serve_folder,
+    write_small_phantom,
+)
 from tests.conftest import SHARED_DIR, shared_path
 
 EMPHYSEMA, SSL = "drasclr_emphysema_subtype", "drasclr_lung_ct_ssl"
 NAMES = (EMPHYSEMA, SSL)
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +79,10 @@ def releases(builds) -> dict:
 @pytest.fixture(scope="module")
 def server(www):
     """``http://127.0.0.1:PORT`` serving ``www``."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")  # also for the subprocesses, which inherit os.environ
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with serve_folder(www) as url, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NO_PROXY", LOCAL_HOSTS)  # also for the subprocesses, which inherit os.environ
+        mp.setenv("no_proxy", LOCAL_HOSTS)
+        yield url
 
 
 def version_of(name: str) -> str:
@@ -417,17 +411,8 @@ def test_atlas_urls_follow_the_official_repository_layout(www, server, tmp_path)
     atlas = shared_path("data", "drasclr_atlas")
     for name in (EMPHYSEMA, SSL):
         root = stage_bundle(BUNDLES / name, tmp_path / name)
-        entries = []
-        for entry in yaml.safe_load((root / "large_files.yml").read_text())["large_files"]:
-            if entry["path"].startswith("data/"):
-                url = entry["url"]
-                assert url.startswith("https://raw.githubusercontent.com/batmanlab/DrasCLR/main/preprocess/misc/")
-                mirrored = www / "mirror" / url.removeprefix("https://raw.githubusercontent.com/")
-                mirrored.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(atlas / Path(entry["path"]).name, mirrored)
-                entries.append({**entry, "url": url.replace("https://raw.githubusercontent.com", f"{server}/mirror")})
+        entries = mirror_large_files(root, www, server, atlas)
         assert len(entries) == 2
-        (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
         run_bundle_cli([PYTHON, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path)
         for entry in entries:
             assert sha256sum(root / entry["path"]) == entry["hash_val"]

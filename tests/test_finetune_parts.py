@@ -17,7 +17,13 @@ from monai.data import DataLoader, MetaTensor
 
 from drasclr_ext.checkpoint import large_file_hash, record_large_file, sha256sum
 from drasclr_ext.data.labelled import LabelledGridDataset, LoadLabelMapd, labelled_subjects
-from drasclr_ext.engines.finetune import SubjectDenseInferer, first_item, param_groups, prepare_subject_batch
+from drasclr_ext.engines.finetune import (
+    SubjectDenseInferer,
+    first_item,
+    lung_voxels,
+    param_groups,
+    prepare_subject_batch,
+)
 from drasclr_ext.errors import CheckpointError, DrasCLRError, InputImageError
 from drasclr_ext.handlers import WeightsExporter
 from drasclr_ext.metrics.emphysema import laa950_percent
@@ -172,6 +178,21 @@ def test_subject_batches_pass_the_whole_dict_and_its_label():
     assert first_item([batch]) is batch
     with pytest.raises(ValueError, match="batch_size 1"):
         first_item([batch, batch])
+
+
+def test_train_accuracy_counts_the_lung_voxels_only():
+    """``train#key_metric`` of train.json: ignite's Accuracy over the lung voxels (label 0 outside is ignored)."""
+    from ignite.metrics import Accuracy
+
+    label = torch.tensor([[0, 1, 2, 4], [0, 0, 3, 3]]).reshape(2, 1, 4)  # 5 lung voxels, classes 1..4
+    pred = torch.full((2, 4, 4), -5.0)
+    for b, v, c in [(0, 0, 3), (0, 1, 0), (0, 2, 1), (0, 3, 2), (1, 0, 1), (1, 1, 1), (1, 2, 2), (1, 3, 0)]:
+        pred[b, c, v] = 5.0  # right: (0, 1), (0, 2), (1, 2); wrong: (0, 3), (1, 3); the rest is outside the lung
+    logits, target = lung_voxels({"pred": pred, "label": label})
+    assert logits.shape == (5, 4) and target.tolist() == [0, 1, 3, 2, 2]
+    accuracy = Accuracy()
+    accuracy.update((logits, target))
+    assert accuracy.compute() == pytest.approx(3 / 5)
 
 
 def test_the_subject_inferer_maps_a_subject_in_eval_mode_and_restores_training():

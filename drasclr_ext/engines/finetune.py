@@ -25,6 +25,7 @@ __all__ = [
     "first_item",
     "initialise",
     "labelled_datalist",
+    "lung_voxels",
     "param_groups",
     "prepare_subject_batch",
 ]
@@ -37,6 +38,14 @@ def prepare_subject_batch(
 ) -> tuple[Mapping[str, Any], Any]:
     """(the subject's data dict, its ground-truth label map): :class:`SubjectDenseInferer` takes the whole dict."""
     return batchdata, batchdata["label"]
+
+
+def lung_voxels(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, C), class index (N,)) of the lung voxels of a training batch (``pred`` (B, C, ...), ``label``
+    (B, 1, ...) with 0 outside the lung and 1..C inside): the input of ``train#key_metric`` (ignite ``Accuracy``)."""
+    target = torch.as_tensor(output["label"]).long()[:, 0] - 1
+    inside = target >= 0
+    return output["pred"].detach().movedim(1, -1)[inside].float(), target[inside]
 
 
 def first_item(batch: Sequence[Any]) -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 
 from drasclr_ext.errors import DrasCLRError
 from drasclr_ext.fileio import FAILURES_FILE, atomic_save_npy, atomic_write_json, write_failures
-from drasclr_ext.parallel import distributed_rank, run_shares
+from drasclr_ext.parallel import distributed_rank, run_shares, set_threads
 
 __all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
 
@@ -217,6 +217,7 @@ def preprocess_cohort(
     overwrite: bool = False,
     build_store: bool = True,
     progress: bool = True,
+    threads: Optional[int] = None,
 ) -> dict[str, Any]:
     """Preprocess every scan of ``datalist`` into ``out`` (see the module docstring); resumable.
 
@@ -230,6 +231,8 @@ def preprocess_cohort(
         overwrite: redo finished subjects.
         build_store: build/refresh ``out/store`` at the end.
         progress: show a tqdm progress bar.
+        threads: torch threads per process; default ``$DRASCLR_THREADS``, ``$OMP_NUM_THREADS``, else the usable
+            cores divided by the processes (:func:`drasclr_ext.parallel.threads_per_process`).
 
     Returns:
         summary: counts (``total``, ``done``, ``skipped``, ``failed``), ``failures_csv``, ``store``.
@@ -244,8 +247,9 @@ def preprocess_cohort(
     names = subject_names(scans)
     jobs = [(str(p), str(out), str(atlas), atlas_path, int(k), bool(overwrite), n) for p, n in zip(scans, names)]
     out = Path(out)
+    threads = set_threads(int(workers), threads)
     mine, parts = run_shares(
-        out, jobs, lambda share, alone: _run_jobs(share, workers, progress, failures_to=out if alone else None)
+        out, jobs, lambda share, alone: _run_jobs(share, workers, progress, out if alone else None, threads)
     )
     if parts is None:  # a torchrun rank other than 0: rank 0 writes the cohort's files
         return {"rank": distributed_rank()[0], "total": len(mine), **_counts(mine)}
@@ -256,9 +260,12 @@ def _counts(results: Sequence[dict]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in results) for s in ("done", "skipped", "failed")}
 
 
-def _run_jobs(jobs: list[tuple], workers: int, progress: bool, failures_to: Optional[Path] = None) -> list[dict]:
-    """Run the ``_run_one`` jobs (in ``workers`` processes); their results. With ``failures_to``, ``failures.csv``
-    there is rewritten after each failure (a long run shows its failures as they come)."""
+def _run_jobs(
+    jobs: list[tuple], workers: int, progress: bool, failures_to: Optional[Path] = None, threads: int = 1
+) -> list[dict]:
+    """Run the ``_run_one`` jobs (in ``workers`` processes of ``threads`` torch threads); their results. With
+    ``failures_to``, ``failures.csv`` there is rewritten after each failure (a long run shows its failures as they
+    come)."""
     from tqdm.auto import tqdm
 
     results: list[dict] = []
@@ -277,8 +284,12 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool, failures_to: Opti
     else:
         import multiprocessing
 
+        import torch
+
         context = multiprocessing.get_context("spawn")  # ITK and torch threads do not survive fork
-        with ProcessPoolExecutor(max_workers=int(workers), mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=int(workers), mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
             futures = [pool.submit(_run_one, *job) for job in jobs]
             for future in as_completed(futures):
                 record(future.result())
