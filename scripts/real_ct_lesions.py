@@ -56,11 +56,14 @@ def read_ct(path: Path) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, str]:
     return image, image[0].numpy(), image.affine.numpy(), d["lung_mask"][0].numpy(), str(image.meta["subject"])
 
 
-def run_bundle(bundle_root: Path, datalist: Path, output_dir: Path, ckpt_path: Optional[str]) -> dict[str, Any]:
+def run_bundle(
+    bundle_root: Path, datalist: Path, output_dir: Path, ckpt_path: Optional[str], harmonise: bool = True
+) -> dict[str, Any]:
     """The bundle's inference.json over the datalist (overwriting earlier results); its summary."""
     from monai.bundle import ConfigWorkflow
 
     overrides: dict[str, Any] = {"dataset_dir": str(datalist), "output_dir": str(output_dir), "overwrite": True}
+    overrides["harmonise"] = bool(harmonise)
     if ckpt_path:
         overrides["ckpt_path"] = str(Path(ckpt_path).resolve())
     wf = ConfigWorkflow(
@@ -273,6 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--bundle_root", type=Path, default=REPO / "bundles/drasclr_emphysema_subtype")
     parser.add_argument("--ckpt_path", default=None, help="weights (default: the bundle's models/model.pt)")
     parser.add_argument("--margin_mm", type=float, default=3.0, help="untouched lung: farther than this from lesions")
+    parser.add_argument("--no_harmonise", action="store_true", help="run the bundle with harmonise False")
     args = parser.parse_args(argv)
 
     from drasclr_ext.data.lesions import insert_lesions
@@ -302,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t = time.perf_counter()
     bundle_out = out / "bundle"
-    run_bundle(args.bundle_root.resolve(), datalist, bundle_out, args.ckpt_path)
+    run_bundle(args.bundle_root.resolve(), datalist, bundle_out, args.ckpt_path, not args.no_harmonise)
     timings["bundle_s"] = time.perf_counter() - t
     mod_dir, orig_dir = bundle_out / f"{subject}_lesions", bundle_out / subject
     pred_mod = load_label(mod_dir / "subtype_label.nii.gz", hu.shape, affine)

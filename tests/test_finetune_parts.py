@@ -27,7 +27,7 @@ from drasclr_ext.engines.finetune import (
 from drasclr_ext.errors import CheckpointError, DrasCLRError, InputImageError
 from drasclr_ext.handlers import WeightsExporter
 from drasclr_ext.metrics.emphysema import laa950_percent
-from drasclr_ext.metrics.subtype import SubtypeScores, roc_auc
+from drasclr_ext.metrics.subtype import SubtypeMetric, SubtypeScores, roc_auc
 from drasclr_ext.networks.segmentation import DrasCLRSegNet
 from drasclr_ext.transforms.atlas_grid import location_channels
 from drasclr_ext.transforms.io import load_ct
@@ -148,6 +148,30 @@ def test_dice_counts_are_pooled_over_subjects():
     assert out["dice_centrilobular"] == pytest.approx(640 / 800)
     assert out["fraction_mae_centrilobular"] == pytest.approx((160 / np.count_nonzero(lung)) / 2)
     assert [row["dice"]["centrilobular"] for row in scores.subjects] == pytest.approx([2 / 3, 1.0])
+
+
+def test_one_key_metric_scores_each_subject_once_and_reports_every_score():
+    from ignite.engine import Engine
+    from monai.data import MetaTensor
+
+    lung, affine = _two_lungs()
+    truth = np.where(lung > 0, 1, 0).astype(np.uint8)
+    truth[1:9, 1:5, 25:] = 2
+    pred = truth.copy()
+    pred[1:9, 1:5, 20:25] = 2  # as above: CLE Dice 2/3 on this subject
+    prob = np.stack([(pred == v).astype(np.float32) for v in (1, 2, 3, 4)])
+    hu = MetaTensor(np.full(lung.shape, -850.0, dtype=np.float32)[None], affine=affine)
+    output = {"pred": {"subtype_label": pred, "subtype_prob": prob, "image": hu, "lung_mask": lung, "subject": "a"}}
+    output["label"] = truth
+    metric = SubtypeMetric(key="mean_dice", prefix="val_", all_scores=True)
+    engine = Engine(lambda engine, batch: output)
+    metric.attach(engine, "val_mean_dice")
+    engine.run([0], max_epochs=1)
+    metrics = engine.state.metrics
+    assert len(metric.scores.subjects) == 1  # scored once
+    assert metrics["val_dice_centrilobular"] == pytest.approx(2 / 3)
+    assert metrics["val_mean_dice"] == pytest.approx(np.mean([metrics["val_dice_normal"], 2 / 3]))
+    assert np.isnan(metrics["val_dice_paraseptal"]) and "val_f1_centrilobular" in metrics
 
 
 def test_roc_auc_counts_ties_as_half():

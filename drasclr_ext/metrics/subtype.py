@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from ignite.engine import Engine
 from ignite.metrics import Metric
 
 from drasclr_ext.geometry import array_and_affine
@@ -175,9 +176,11 @@ class SubtypeMetric(Metric):
     Args:
         key: return only this score (e.g. ``"mean_dice"`` for a key metric); None returns every score, with
             ``prefix``. The per-subject rows stay in ``scores.subjects``.
-        prefix: prefix of the score names when ``key`` is None.
+        prefix: prefix of the score names when ``key`` is None or ``all_scores`` is set.
         presence_fraction: share of a zone's lung that makes a class present (F1 and AUC).
         output_transform: engine output -> (pred dict, label).
+        all_scores: with ``key``, also put every score (with ``prefix``) into ``engine.state.metrics`` when the
+            epoch completes: one key metric that scores each subject once and reports everything.
     """
 
     def __init__(
@@ -186,8 +189,9 @@ class SubtypeMetric(Metric):
         prefix: str = "",
         presence_fraction: float = 0.01,
         output_transform: Callable[[Any], Any] = subject_output,
+        all_scores: bool = False,
     ) -> None:
-        self.key, self.prefix = key, prefix
+        self.key, self.prefix, self.all_scores = key, prefix, bool(all_scores)
         self.scores = SubtypeScores(presence_fraction)
         super().__init__(output_transform=output_transform)
 
@@ -202,9 +206,17 @@ class SubtypeMetric(Metric):
         label, prob, truth = (_numpy(x) for x in (pred["subtype_label"], pred["subtype_prob"], truth))
         self.scores.add(str(pred.get("subject", len(self.scores.subjects))), label, prob, truth, hu, lung, affine)
 
-    def compute(self) -> Any:
+    def _named_scores(self) -> dict[str, float]:
         # undefined scores are NaN here (ignite, the stats handlers and TensorBoard want numbers; JSON gets null)
-        result = {k: (math.nan if v is None else v) for k, v in self.scores.compute().items()}
+        return {f"{self.prefix}{k}": (math.nan if v is None else v) for k, v in self.scores.compute().items()}
+
+    def compute(self) -> Any:
         if self.key is not None:
-            return result[self.key]
-        return {f"{self.prefix}{k}": v for k, v in result.items()}
+            value = self.scores.compute()[self.key]
+            return math.nan if value is None else value
+        return self._named_scores()
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        if self.key is not None and self.all_scores:
+            engine.state.metrics.update(self._named_scores())
