@@ -1,9 +1,10 @@
 """A classical, weight-free lung segmentation of CT in HU: labels 0 background, 1 right lung, 2 left lung.
 
 Pipeline (on a ~2.5 mm grid for speed, then refined at the boundary on the input grid):
-air below ``threshold`` HU -> outside air removed (air touching the border of its axial slice) -> trachea and
-main bronchi found from a seed in the upper slices, region-grown with leak control, dilated and removed ->
-the two large lung-like components labelled right/left by their world position (split by erosion or along the
+the scan taken in one canonical axis order (from its affine: the result does not depend on how the array is
+stored) -> air below ``threshold`` HU -> outside air removed (air touching the border of its axial slice) ->
+trachea and main bronchi found and verified (:mod:`~drasclr_ext.transforms.airways`), dilated and removed -> the
+two large, thick lung-like components labelled right/left by their world position (split by erosion or along the
 mid-sagittal plane when they touch) -> vessels and holes filled (closing, per-slice and 3D hole filling) ->
 nearest-neighbour upsampling, with boundary voxels re-thresholded at full resolution.
 
@@ -25,6 +26,8 @@ from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
 from drasclr_ext.errors import DrasCLRError, InputImageError
+from drasclr_ext.geometry import axis_towards, memory_layout, voxel_spacing
+from drasclr_ext.transforms.airways import ellipsoid, find_airways
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
@@ -42,24 +45,13 @@ class LungMaskParams:
     airway_leak_ratio: float = 1.8  # once the tree holds airway_leak_min_ml, growing faster than this is a leak
     airway_leak_min_ml: float = 10.0
     lung_like_median_hu: float = -975.0  # components whose median is below this are gas (bowel, stomach), not lung
+    min_lung_thickness_mm: float = 40.0  # front to back (90th percentile): thinner air is a table's foam core
     min_lung_ml: float = 300.0  # both lungs together; below this no lungs were found
     min_component_ml: float = 20.0
     fill_radius_mm: float = 5.0
 
 
 # ---------------------------------------------------------------- geometry helpers
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size (mm) along each array axis of a 4x4 affine."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-
-
-def axis_towards(affine: np.ndarray, world_axis: int) -> tuple[int, int]:
-    """Array axis closest to a world (RAS) axis, and +1/-1: whether increasing the index moves along +world."""
-    cosines = np.asarray(affine, dtype=np.float64)[:3, :3] / voxel_spacing(affine)
-    axis = int(np.argmax(np.abs(cosines[world_axis])))
-    return axis, 1 if cosines[world_axis, axis] > 0 else -1
 
 
 def _block_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
@@ -99,14 +91,6 @@ def _slice_structure(axial_axis: int) -> np.ndarray:
     return s
 
 
-def _ball(radius_vox: np.ndarray) -> np.ndarray:
-    """Ellipsoidal structuring element with the given radius (voxels) per axis."""
-    r = np.maximum(np.floor(radius_vox).astype(int), 0)
-    grids = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
-    dist = sum((g / max(rad, 1e-6)) ** 2 for g, rad in zip(grids, np.maximum(radius_vox, 1e-6)))
-    return dist <= 1.0
-
-
 # ---------------------------------------------------------------- pipeline steps
 
 
@@ -122,81 +106,6 @@ def outside_air(air: np.ndarray, axial_axis: int) -> np.ndarray:
     ids = np.unique(np.concatenate(border))
     ids = ids[ids > 0]
     return np.isin(labels, ids)
-
-
-def find_trachea_seed(
-    candidates: np.ndarray, hu_c: np.ndarray, spacing_c: np.ndarray, affine_c: np.ndarray
-) -> np.ndarray | None:
-    """Voxels of the trachea in the highest axial slice where a tube-like air region lies near the midline.
-
-    Looks in the upper half of the air-inside-body region, from the top down, for a compact 2D component of
-    nearly pure air (median below -900 HU, area 0.5-8 cm^2) close to the left-right centre of the body.
-    """
-    ax_si, sign_si = axis_towards(affine_c, 2)
-    ax_lr, _ = axis_towards(affine_c, 0)
-    pixel_mm2 = float(np.prod([spacing_c[a] for a in range(3) if a != ax_si]))
-    occupied = np.flatnonzero(candidates.any(axis=tuple(a for a in range(3) if a != ax_si)))
-    if occupied.size == 0:
-        return None
-    top_down = occupied[::-1] if sign_si > 0 else occupied
-    n_search = max(1, int(np.ceil(len(top_down) * 0.5)))
-    for k in top_down[:n_search]:
-        sl = np.take(candidates, k, axis=ax_si)
-        hu_sl = np.take(hu_c, k, axis=ax_si)
-        lab, n = ndimage.label(sl)
-        if n == 0:
-            continue
-        lr_index = 0 if ax_lr < ax_si else 1  # position of the left-right axis inside the 2D slice
-        coords_all = np.nonzero(sl)
-        centre_lr = 0.5 * (coords_all[lr_index].min() + coords_all[lr_index].max())
-        width_lr = coords_all[lr_index].max() - coords_all[lr_index].min() + 1
-        best, best_area = None, 0.0
-        for j, obj in enumerate(ndimage.find_objects(lab), start=1):
-            comp = lab[obj] == j
-            area = comp.sum() * pixel_mm2
-            if not 50.0 <= area <= 800.0:
-                continue
-            coords = np.nonzero(comp)
-            c_lr = coords[lr_index].mean() + obj[lr_index].start
-            ext = [obj[i].stop - obj[i].start for i in range(2)]
-            compact = comp.sum() / float(ext[0] * ext[1])
-            if abs(c_lr - centre_lr) > 0.2 * width_lr or compact < 0.4 or ext[lr_index] > 0.35 * width_lr:
-                continue
-            if np.median(hu_sl[obj][comp]) > -900.0:
-                continue
-            if area > best_area:
-                best, best_area = (obj, comp), area
-        if best is not None:
-            seed = np.zeros(candidates.shape, dtype=bool)
-            obj, comp = best
-            index: list[Any] = [slice(None)] * 3
-            index[ax_si] = k
-            seed_slice = np.zeros(sl.shape, dtype=bool)
-            seed_slice[obj] = comp
-            seed[tuple(index)] = seed_slice
-            return seed
-    return None
-
-
-def grow_airways(
-    seed: np.ndarray, hu_c: np.ndarray, candidates: np.ndarray, voxel_ml: float, params: LungMaskParams
-) -> np.ndarray:
-    """Trachea and main bronchi: the air connected to ``seed``, at the loosest threshold before it leaks."""
-    accepted = seed.copy()
-    previous = float(seed.sum()) * voxel_ml
-    for thr in params.airway_thresholds:
-        labels, _ = ndimage.label(candidates & (hu_c < thr))
-        ids = np.unique(labels[seed])
-        ids = ids[ids > 0]
-        if ids.size == 0:
-            continue
-        region = np.isin(labels, ids)
-        volume = float(region.sum()) * voxel_ml
-        leaked = previous >= params.airway_leak_min_ml and volume > params.airway_leak_ratio * previous
-        if volume > params.max_airway_ml or leaked:
-            break
-        accepted, previous = region | seed, volume
-    return accepted
 
 
 def _components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +142,13 @@ def _world_lr(mask: np.ndarray, affine_c: np.ndarray) -> float:
     return float((affine_c @ centroid)[0])
 
 
+def _thickness_mm(component: np.ndarray, axis: int, spacing: np.ndarray) -> float:
+    """90th percentile, over the lines along ``axis`` that cross ``component``, of its thickness (mm) on them."""
+    box = ndimage.find_objects(component.astype(np.uint8))[0]
+    counts = np.count_nonzero(component[box], axis=axis)
+    return float(np.percentile(counts[counts > 0], 90)) * float(spacing[axis])
+
+
 def label_lungs(
     lungs: np.ndarray,
     hu_c: np.ndarray,
@@ -242,13 +158,19 @@ def label_lungs(
     voxel_ml: float,
     params: LungMaskParams,
 ) -> np.ndarray:
-    """Right (1) and left (2) lungs among the lung-like components of ``lungs`` (coarse grid)."""
+    """Right (1) and left (2) lungs among the lung-like components of ``lungs`` (coarse grid): large enough, not
+    gas (median HU) and thick from front to back (a table's foam core is air enclosed in its slices, but flat)."""
     labels, sizes = _components_by_size(lungs)
+    ax_ap, _ = axis_towards(affine_c, 1)
     keep = []
     for j in np.argsort(sizes)[::-1]:
         if sizes[j] * voxel_ml < params.min_component_ml:
             break
-        if np.median(hu_c[labels == j]) >= params.lung_like_median_hu:
+        component = labels == j
+        if (
+            np.median(hu_c[component]) >= params.lung_like_median_hu
+            and _thickness_mm(component, ax_ap, spacing_c) >= params.min_lung_thickness_mm
+        ):
             keep.append(j)
     out = np.zeros(lungs.shape, dtype=np.uint8)
     if not keep:
@@ -309,6 +231,18 @@ def fill_lungs(labels: np.ndarray, spacing_c: np.ndarray, axial_axis: int, radiu
     return out
 
 
+CANONICAL_AXES = ("L", "P", "S")  # array axis order the pipeline works in: an axial DICOM series as read
+
+
+def canonical_orientation(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform (flips and axis permutation, no resampling) from a scan's array order to
+    ``CANONICAL_AXES``, from its affine."""
+    import nibabel as nib
+
+    current = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(CANONICAL_AXES))
+
+
 def compute_lung_mask(
     hu: np.ndarray,
     affine: np.ndarray,
@@ -319,23 +253,52 @@ def compute_lung_mask(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label the lungs of a CT in HU: uint8 (X, Y, Z), 0 background, 1 right lung, 2 left lung.
 
+    The work is done in one canonical axis order (:func:`canonical_orientation`): flipped or permuted arrays of the
+    same scan, with their affines, get the same labels at the same world positions.
+
     Args:
         hu: CT volume (X, Y, Z) in Hounsfield units.
         affine: its 4x4 RAS voxel-to-world affine (decides slice direction and which side is the patient's right).
         params: thresholds and sizes of the pipeline.
         return_airways: also return the removed trachea/main-bronchi mask (bool, input grid).
         name: the scan's file, named in errors.
-        info: a dict to receive ``airway_found`` (a trachea was found) and ``airway_removed_ml`` (the trachea and
-            main bronchi with their walls, removed from the lungs).
+        info: a dict to receive ``airway_found`` (a trachea and its two main bronchi were found) and
+            ``airway_removed_ml`` (the airways with their walls, removed from the lungs).
 
     Raises:
         InputImageError: when nothing lung-like of at least ``params.min_lung_ml`` is found.
     """
-    params = params or LungMaskParams()
+    import nibabel as nib
+
     hu = np.asarray(hu)
     affine = np.asarray(affine, dtype=np.float64)
     if hu.ndim != 3:
         raise InputImageError(f"the lung mask needs a 3D volume (X, Y, Z), got shape {tuple(hu.shape)}")
+    ornt = canonical_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):  # already in canonical order: no copy
+        return _canonical_lung_mask(hu, affine, params or LungMaskParams(), return_airways, name, info)
+    layout = memory_layout(hu)
+    work = nib.orientations.apply_orientation(hu, ornt)
+    if not (work.flags.c_contiguous or work.flags.f_contiguous):
+        work = np.asfortranarray(work) if layout == "F" else np.ascontiguousarray(work)
+    work_affine = affine @ nib.orientations.inv_ornt_aff(ornt, hu.shape)
+    out = _canonical_lung_mask(work, work_affine, params or LungMaskParams(), return_airways, name, info)
+    canonical = nib.orientations.axcodes2ornt(CANONICAL_AXES)
+    back = nib.orientations.ornt_transform(canonical, nib.orientations.io_orientation(affine))
+    order = np.asfortranarray if layout == "F" else np.ascontiguousarray
+    restored = tuple(order(nib.orientations.apply_orientation(o, back)) for o in (out if return_airways else (out,)))
+    return restored if return_airways else restored[0]
+
+
+def _canonical_lung_mask(
+    hu: np.ndarray,
+    affine: np.ndarray,
+    params: LungMaskParams,
+    return_airways: bool,
+    name: str,
+    info: dict[str, Any] | None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``compute_lung_mask`` of a scan in any axis order (canonical in practice, for orientation independence)."""
     spacing = voxel_spacing(affine)
     factors = tuple(max(1, int(round(params.target_spacing / s))) for s in spacing)
     hu_c = _block_mean(hu, factors)  # type: ignore[arg-type]
@@ -350,13 +313,11 @@ def compute_lung_mask(
     outside = outside_air(air, ax_si)
     candidates = air & ~outside
 
-    seed = find_trachea_seed(candidates, hu_c, spacing_c, affine_c)
-    airway = np.zeros_like(candidates)
+    airway, seed = find_airways(hu_c, candidates, outside, affine_c, voxel_ml, params)
     midline_x = None
     if seed is not None:
-        airway = grow_airways(seed, hu_c, candidates, voxel_ml, params)
         midline_x = float((affine_c @ np.array([*ndimage.center_of_mass(seed), 1.0]))[0])
-        airway = ndimage.binary_dilation(airway, structure=_ball(np.maximum(3.0 / spacing_c, 1.0)))
+        airway = ndimage.binary_dilation(airway, structure=ellipsoid(3.0 / spacing_c))
     if info is not None:
         info["airway_found"] = seed is not None
         info["airway_removed_ml"] = round(float(np.count_nonzero(airway)) * voxel_ml, 1)
@@ -383,7 +344,7 @@ def compute_lung_mask(
     band = (near_right | near_left) & ~inner & ~airway & ~outside
     nearest = np.where(labels_c > 0, labels_c, np.where(near_right, RIGHT_LUNG, LEFT_LUNG)).astype(np.uint8)
     code = np.where(band, nearest + 3, labels_c).astype(np.uint8)  # 4, 5: band voxels near the right, left lung
-    layout = "F" if hu.flags.f_contiguous and not hu.flags.c_contiguous else "C"  # the input's memory order
+    layout = memory_layout(hu)  # the input's memory order
     full = _upsample(code, factors, hu.shape, layout)  # type: ignore[arg-type]
     # flat views in memory order: boolean indexing of Fortran-ordered arrays is ten times slower
     flat = full.ravel(layout)
