@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from drasclr_ext.transforms.lung_mask import axis_towards
+from drasclr_ext.geometry import axis_towards
+from drasclr_ext.transforms.contrast import ENHANCED_BLOOD_HU
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ NOISE_HU_MAX = 30.0  # the dense model's training noise; above it raw LAA-950 co
 # locations and zones are likely off by more than a centimetre
 REGISTRATION_DICE_MIN = 0.8
 LUNG_VOLUME_ML = (1500.0, 9000.0)  # adult lungs between deep expiration and hyperinflated full inspiration
+# ContrastBolusAgent values that mean "none given" (the tag should be absent then, but some scanners write these)
+NO_CONTRAST_AGENT = ("", "NONE", "NO", "N", "NIL", "0", "-", "NONE GIVEN", "WITHOUT")
 
 
 def quality_flag(flag: str, severity: str, message: str) -> dict[str, str]:
@@ -43,7 +46,26 @@ def thick_slices(spacing: np.ndarray, acquisition: Mapping[str, Any]) -> Optiona
     )
 
 
-CHECKS: list[Callable[[np.ndarray, Mapping[str, Any]], Optional[dict[str, str]]]] = [thick_slices]
+def contrast_enhanced(spacing: np.ndarray, acquisition: Mapping[str, Any]) -> Optional[dict[str, str]]:
+    """Flag a scan with contrast: the DICOM ContrastBolusAgent tag, or a blood pool over ``ENHANCED_BLOOD_HU``."""
+    agent = str(acquisition.get("contrast_bolus_agent") or "").strip()
+    blood = float(acquisition.get("blood_pool_hu", math.nan) or math.nan)
+    evidence = []
+    if agent.upper() not in NO_CONTRAST_AGENT:
+        evidence.append(f"DICOM ContrastBolusAgent {agent!r}")
+    if blood > ENHANCED_BLOOD_HU:
+        evidence.append(f"blood pool {blood:.0f} HU, over {ENHANCED_BLOOD_HU:g} HU")
+    if not evidence:
+        return None
+    return quality_flag(
+        "contrast_enhanced",
+        "warning",
+        f"contrast-enhanced scan ({'; '.join(evidence)}): iodine raises lung attenuation, so LAA-950 reads lower and "
+        "Perc15 higher than on an unenhanced scan; compare emphysema measures only between scans of the same phase",
+    )
+
+
+CHECKS: list[Callable[[np.ndarray, Mapping[str, Any]], Optional[dict[str, str]]]] = [thick_slices, contrast_enhanced]
 
 
 def scan_quality(image: Any, affine: Optional[np.ndarray] = None) -> list[dict[str, str]]:

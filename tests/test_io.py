@@ -192,3 +192,23 @@ def test_save_like_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_dicom_contrast_agent_is_recorded(tmp_path):
+    """ContrastBolusAgent (0018,0010) reaches meta["acquisition"]; "" when the tag is absent (and for NIfTI)."""
+    pydicom = pytest.importorskip("pydicom")
+    stored = np.random.default_rng(0).integers(0, 1500, size=(10, 10, 8)).astype(np.uint16)  # air to bone
+    _write_dicom_series(tmp_path / "plain", 8, "1.2.3.4.1", 1.0, -1024.0, stored)
+    _write_dicom_series(tmp_path / "enhanced", 8, "1.2.3.4.1", 1.0, -1024.0, stored)
+    for path in (tmp_path / "enhanced").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.ContrastBolusAgent = "IOHEXOL 350"
+        ds.save_as(path)
+    assert load_ct(tmp_path / "enhanced").meta["acquisition"]["contrast_bolus_agent"] == "IOHEXOL 350"
+    assert load_ct(tmp_path / "plain").meta["acquisition"]["contrast_bolus_agent"] == ""
+
+
+def test_real_dicom_contrast_agent(lung_ct_dir, abdomen_ct_dir):
+    """The TotalSegmentator abdomen CT says contrast was given; TCIA A0001 (protocol "Chest C-") has no such tag."""
+    assert load_ct(abdomen_ct_dir).meta["acquisition"]["contrast_bolus_agent"] == "APPLIED"
+    assert load_ct(lung_ct_dir).meta["acquisition"]["contrast_bolus_agent"] == ""

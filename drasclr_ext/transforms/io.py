@@ -38,6 +38,7 @@ _DICOM_TEXT_TAGS = {
     "manufacturer_model": "0008|1090",
     "series_description": "0008|103e",
     "series_instance_uid": "0020|000e",
+    "contrast_bolus_agent": "0018|0010",  # ContrastBolusAgent: present when contrast was given (contrast_enhanced flag)
 }
 _DICOM_NUMBER_TAGS = {"slice_thickness": "0018|0050", "kvp": "0018|0060"}
 _DICOM_PIXEL_SPACING = "0028|0030"

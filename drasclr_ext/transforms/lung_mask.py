@@ -28,6 +28,7 @@ from scipy import ndimage
 from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.geometry import axis_towards, memory_layout, voxel_spacing
 from drasclr_ext.transforms.airways import ellipsoid, find_airways
+from drasclr_ext.transforms.contrast import blood_pool_hu
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
@@ -262,8 +263,9 @@ def compute_lung_mask(
         params: thresholds and sizes of the pipeline.
         return_airways: also return the removed trachea/main-bronchi mask (bool, input grid).
         name: the scan's file, named in errors.
-        info: a dict to receive ``airway_found`` (a trachea and its two main bronchi were found) and
-            ``airway_removed_ml`` (the airways with their walls, removed from the lungs).
+        info: a dict to receive ``airway_found`` (a trachea and its main bronchi were found), ``airway_removed_ml``
+            (the airways with their walls, removed from the lungs) and ``blood_pool_hu`` (the mediastinal blood
+            pool, :func:`~drasclr_ext.transforms.contrast.blood_pool_hu`; NaN when not measurable).
 
     Raises:
         InputImageError: when nothing lung-like of at least ``params.min_lung_ml`` is found.
@@ -335,6 +337,8 @@ def _canonical_lung_mask(
             f"{params.min_lung_ml:.0f} ml expected). Check that the scan covers the chest (it may be an abdominal, "
             "head or limb CT) and that its values are in HU."
         )
+    if info is not None:
+        info["blood_pool_hu"] = blood_pool_hu(hu_c, labels_c, affine_c)  # block means: less noise than voxels
 
     # full-resolution labels: interior from the coarse grid, boundary band re-thresholded on the input grid
     cross = ndimage.generate_binary_structure(3, 1)
@@ -356,6 +360,8 @@ def _canonical_lung_mask(
 
 
 AIRWAY_META_KEY = "airways"  # the lung mask MetaTensor's meta: {"airway_found", "airway_removed_ml"} (classical)
+AIRWAY_KEYS = ("airway_found", "airway_removed_ml")
+BLOOD_POOL_KEY = "blood_pool_hu"  # in the lung mask's meta and the scan's meta["acquisition"] (classical)
 
 
 def lung_volumes_ml(labels: np.ndarray, affine: np.ndarray) -> dict[str, float]:
@@ -446,12 +452,15 @@ class LungMask(Transform):
         labels = lung_mask_array(array, affine_np, self.method, name=name, info=info, **self.params)
         out = torch.from_numpy(labels[None] if channel_first else labels)
         meta["affine"] = torch.as_tensor(affine_np, dtype=torch.float64)
-        meta[AIRWAY_META_KEY] = info
+        meta[AIRWAY_META_KEY] = {k: info[k] for k in AIRWAY_KEYS if k in info}
+        if BLOOD_POOL_KEY in info:
+            meta[BLOOD_POOL_KEY] = info[BLOOD_POOL_KEY]
         return MetaTensor(out, meta=meta)
 
 
 class LungMaskd(MapTransform):
-    """Dictionary twin of ``LungMask``: writes the labels of the image under ``keys`` to ``mask_key``."""
+    """Dictionary twin of ``LungMask``: writes the labels of the image under ``keys`` to ``mask_key``, and records the
+    blood pool HU in the image's ``meta["acquisition"]`` (read by the ``contrast_enhanced`` quality flag)."""
 
     def __init__(
         self,
@@ -471,5 +480,9 @@ class LungMaskd(MapTransform):
         if len(keys) > 1:
             raise ValueError(f"LungMaskd writes one mask ({self.mask_key!r}): give one image key, got {keys}")
         for key in keys:
-            d[self.mask_key] = self.transform(d[key])
+            mask = self.transform(d[key])
+            d[self.mask_key] = mask
+            if BLOOD_POOL_KEY in mask.meta and isinstance(d[key], MetaTensor):  # for the scan's quality flags
+                acquisition = {**(d[key].meta.get("acquisition") or {}), BLOOD_POOL_KEY: mask.meta[BLOOD_POOL_KEY]}
+                d[key].meta["acquisition"] = acquisition  # a new dict: other holders of the old one are unchanged
         return d
