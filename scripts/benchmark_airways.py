@@ -5,7 +5,11 @@ each variant (flipped, permuted, padded off-centre, cropped, resampled, with a t
 back onto the original grid and compared with the original's: Dice of the lungs, and the airway volume removed
 inside the original's field of view. On the CIP scan the Dice against CIP's own whole-lung mask is given too.
 
-Usage: python scripts/benchmark_airways.py [--scans a0001,cip,phantom] [--full]
+``contrast`` prints what the ``contrast_enhanced`` quality flag reads on the shared CTs: the DICOM ContrastBolusAgent
+tag and the blood pool HU that ``LungMaskd`` measures.
+
+Usage: python scripts/benchmark_airways.py run [--scans a0001,cip,phantom] [--full]
+       python scripts/benchmark_airways.py contrast
 """
 
 from __future__ import annotations
@@ -79,5 +83,24 @@ def run(scans: str = "a0001,cip,phantom", full: bool = False) -> None:
             )
 
 
+def contrast() -> None:
+    from drasclr_ext.errors import InputImageError
+    from drasclr_ext.quality import scan_quality
+    from drasclr_ext.transforms.io import load_ct
+    from drasclr_ext.transforms.lung_mask import LungMaskd
+
+    print("| scan | ContrastBolusAgent | blood pool HU | quality flags |")
+    print("|---|---|---|---|")
+    for path in ("lung_ct/Lung_Dx-A0001", "cip_chest_ct/ct-64.nrrd", "abdomen_ct_dicom"):
+        image = load_ct(SHARED / path)
+        try:
+            image = LungMaskd("image")({"image": image})["image"]
+        except InputImageError as err:
+            print(f"(lung mask of {path}: {err})")
+        acq = image.meta["acquisition"]
+        flags = ", ".join(f["flag"] for f in scan_quality(image))
+        print(f"| {path} | {acq['contrast_bolus_agent']!r} | {acq.get('blood_pool_hu', 'not measured')} | {flags} |")
+
+
 if __name__ == "__main__":
-    fire.Fire(run)
+    fire.Fire({"run": run, "contrast": contrast})
