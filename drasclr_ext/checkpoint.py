@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
+from drasclr_ext.bundle_files import large_file_hash, record_large_file
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.fileio import atomic_write, sha256sum
 from drasclr_ext.networks.encoder import DrasCLREncoder
@@ -23,7 +24,6 @@ __all__ = [
     "load_pretrained_encoder",
     "load_official_encoder",
     "safe_torch_load",
-    "record_large_file",
     "save_atomic",
     "sha256sum",
     "unwrap",
@@ -180,22 +180,6 @@ def convert_official_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) 
     return save_atomic(state, dst)
 
 
-def large_file_hash(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str | None:
-    """The sha256 that the bundle's ``large_files.yml`` lists for ``path`` (None when it lists none)."""
-    listing = Path(bundle_root) / "large_files.yml"
-    if not listing.is_file():
-        return None
-    import yaml
-
-    with open(listing) as f:
-        entries = (yaml.safe_load(f) or {}).get("large_files", [])
-    target = Path(path).resolve()
-    for entry in entries:
-        if (Path(bundle_root) / entry.get("path", "")).resolve() == target and entry.get("hash_type") == "sha256":
-            return entry.get("hash_val") or None
-    return None
-
-
 def load_bundle_weights(
     network: torch.nn.Module, path: str | os.PathLike, bundle_root: str | os.PathLike | None = None
 ) -> torch.nn.Module:
@@ -261,36 +245,3 @@ def compact_weights_file(path: str | os.PathLike, bundle_root: str | os.PathLike
         raise CheckpointError(f"{path} is not a state dict of tensors; nothing to compact")
     save_atomic(compact_state(state), path)
     return record_large_file(bundle_root, path) if bundle_root is not None else sha256sum(path)
-
-
-def record_large_file(bundle_root: str | os.PathLike, path: str | os.PathLike) -> str:
-    """Write the sha256 of ``path`` (a file inside the bundle) into the bundle's ``large_files.yml``, atomically.
-
-    Called after training rewrites a bundle's weights, so that the hash check of :func:`load_bundle_weights` keeps
-    protecting downloads without refusing the user's own training result. Returns the new hash.
-    """
-    import yaml
-
-    root, target = Path(bundle_root), Path(path).resolve()
-    try:
-        relative = target.relative_to(root.resolve()).as_posix()
-    except ValueError as exc:
-        raise CheckpointError(
-            f"{path} is not inside the bundle {bundle_root}; cannot list it in large_files.yml"
-        ) from exc
-    listing = root / "large_files.yml"
-    content = {}
-    if listing.is_file():
-        with open(listing) as f:
-            content = yaml.safe_load(f) or {}
-    entries = content.setdefault("large_files", [])
-    digest = sha256sum(target)
-    for entry in entries:
-        if (root / entry.get("path", "")).resolve() == target:
-            entry.update({"hash_val": digest, "hash_type": "sha256"})
-            break
-    else:
-        entries.append({"path": relative, "url": "", "hash_val": digest, "hash_type": "sha256"})
-    text = yaml.safe_dump(content, sort_keys=False)
-    atomic_write(listing, lambda tmp: Path(tmp).write_text(text))
-    return digest

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.bundle_files import read_large_files
+from drasclr_ext.errors import DistributionError
 from drasclr_ext.fileio import PathLike, atomic_write, atomic_write_bytes, sha256sum
 
 __all__ = [
@@ -103,10 +104,6 @@ _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _VERSIONED_ZIP = re.compile(r"(?P<name>.+?)_v\d[0-9A-Za-z.+-]*")
 
 
-class DistributionError(DrasCLRError):
-    """A bundle that cannot be released, or a downloaded bundle zip that must not be used."""
-
-
 @dataclass(frozen=True)
 class BundleRelease:
     """One packaged bundle: its zip, the zip's sha256, the number of files and the zip size in bytes."""
@@ -150,20 +147,6 @@ def read_metadata(bundle: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DistributionError(f"cannot read {path} ({exc}): fix the bundle's metadata JSON") from exc
-
-
-def read_large_files(bundle: Path) -> list[dict[str, Any]]:
-    """The entries of the bundle's ``large_files.yml``."""
-    import yaml
-
-    path = bundle / "large_files.yml"
-    try:
-        entries = (yaml.safe_load(path.read_text()) or {}).get("large_files")
-    except (OSError, yaml.YAMLError, AttributeError) as exc:
-        raise DistributionError(f"cannot read {path} ({exc}): it must be a mapping with a large_files list") from exc
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
-        raise DistributionError(f"{path} must hold 'large_files:', a list of entries with path, url and hash_val")
-    return entries
 
 
 def _check_required_files(bundle: Path) -> None:

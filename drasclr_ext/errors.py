@@ -26,6 +26,10 @@ class CheckpointError(DrasCLRError, ValueError):
     """A file that is not a checkpoint of the expected format."""
 
 
+class DistributionError(DrasCLRError):
+    """A bundle that cannot be released, or a downloaded bundle zip that must not be used."""
+
+
 def our_error(exc: Optional[BaseException]) -> Optional[DrasCLRError]:
     """Our ``DrasCLRError`` behind ``exc``: MONAI's ``Compose`` and config parser wrap errors in a ``RuntimeError``."""
     seen = set()

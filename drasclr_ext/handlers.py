@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
-from drasclr_ext.checkpoint import record_large_file, save_atomic, unwrap
+from drasclr_ext.bundle_files import record_large_file
+from drasclr_ext.checkpoint import save_atomic, unwrap
 from drasclr_ext.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from drasclr_ext.checkpoint import large_file_hash, load_bundle_weights, sha256sum
+from drasclr_ext.bundle_files import large_file_hash
+from drasclr_ext.checkpoint import load_bundle_weights, sha256sum
 from drasclr_ext.errors import CheckpointError
 from drasclr_ext.metrics.emphysema import laa950_percent
 from drasclr_ext.networks.segmentation import DrasCLRSegNet

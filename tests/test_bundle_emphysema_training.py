@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr_ext.checkpoint import large_file_hash, load_bundle_weights, sha256sum
+from drasclr_ext.bundle_files import large_file_hash
+from drasclr_ext.checkpoint import load_bundle_weights, sha256sum
 from drasclr_ext.data.phantom import write_phantom_cohort
 from drasclr_ext.metrics.emphysema import laa950_percent
 from drasclr_ext.networks.segmentation import DrasCLRSegNet

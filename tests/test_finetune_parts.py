@@ -15,7 +15,8 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, MetaTensor
 
-from drasclr_ext.checkpoint import large_file_hash, record_large_file, sha256sum
+from drasclr_ext.bundle_files import large_file_hash, record_large_file
+from drasclr_ext.checkpoint import sha256sum
 from drasclr_ext.data.labelled import LabelledGridDataset, LoadLabelMapd, labelled_subjects
 from drasclr_ext.engines.finetune import (
     SubjectDenseInferer,

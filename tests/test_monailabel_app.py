@@ -26,7 +26,8 @@ pytest.importorskip(
     "and pydicom-seg with --no-deps)",
 )
 
-from drasclr_ext.checkpoint import large_file_hash, sha256sum  # noqa: E402
+from drasclr_ext.bundle_files import large_file_hash
+from drasclr_ext.checkpoint import sha256sum  # noqa: E402
 from drasclr_ext.data.phantom import generate_phantom  # noqa: E402
 from drasclr_ext.metrics.emphysema import laa950_percent  # noqa: E402
 from drasclr_ext.transforms.io import load_ct  # noqa: E402
