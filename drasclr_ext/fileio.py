@@ -13,7 +13,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -21,8 +21,6 @@ from drasclr_ext.errors import DrasCLRError
 
 PathLike = Union[str, os.PathLike]
 LOCK_FILE = ".drasclr.lock"
-FAILURES_FILE = "failures.csv"
-FAILURE_FIELDS = ("subject", "input", "error", "reason")  # the one failures.csv schema of every cohort command
 TMP_MARK = ".tmp"  # every temporary file of atomic_write is named ".<name>.<random><suffix>", suffix from ".tmp"
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\..+)?$")  # mkstemp's 8 random characters, then our suffix
 logger = logging.getLogger(__name__)
@@ -66,6 +64,8 @@ def check_finite(array: Any, what: PathLike) -> None:
 
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+CT_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES  # the image files a cohort may hold (and DICOM folders)
 
 
 def write_nifti(
@@ -84,9 +84,9 @@ def write_nifti(
 
     path = Path(path)
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise ValueError(f"{path} should end in .nii.gz or .nii")
+        raise ValueError(f"NIfTI files end in .nii.gz or .nii, not {path}")
+    check_finite(array, path)
     arr = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
-    check_finite(arr, path)
     affine = np.asarray(affine, dtype=np.float64)
     image = nib.Nifti1Image(arr, affine)
     image.set_sform(affine, code=1)
@@ -250,12 +250,3 @@ class OutputLock:
         self.release()
 
 
-def write_failures(path: PathLike, failures: Sequence[Mapping[str, Any]]) -> Path:
-    """``subject,input,error,reason`` rows, written atomically (an empty file with the header when none failed)."""
-    import csv
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(FAILURE_FIELDS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({key: row.get(key, "") for key in FAILURE_FIELDS} for row in failures)
-    return atomic_write_bytes(path, buffer.getvalue().encode())

@@ -12,7 +12,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from drasclr_ext.transforms.io import LoadCTd, load_ct, save_like, subject_name
+from drasclr_ext.subjects import subject_name
+from drasclr_ext.transforms.io import LoadCTd, load_ct, save_like
 from tests.dicom_utils import write_dicom_series as _write_dicom_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

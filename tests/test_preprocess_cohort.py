@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from drasclr_ext.atlas import load_atlas
-from drasclr_ext.preprocess.cohort import preprocess_cohort, preprocess_subject, read_datalist
+from drasclr_ext.preprocess.cohort import preprocess_cohort, preprocess_subject
+from drasclr_ext.subjects import read_datalist
 from tests.synthetic_chest import make_chest
 
 SUBJECT_FILES = {

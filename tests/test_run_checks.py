@@ -17,8 +17,9 @@ from monai.data import MetaTensor
 
 from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.fileio import LOCK_FILE, OutputLock, atomic_save_npy
-from drasclr_ext.inference.runner import FAILURE_FIELDS, CohortRunner
+from drasclr_ext.inference.runner import CohortRunner
 from drasclr_ext.quality import scan_quality
+from drasclr_ext.subjects import FAILURE_FIELDS
 from drasclr_ext.transforms.io import load_ct, save_like
 from tests.bundle_utils import PYTHON, bundle_dir
 from tests.conftest import REPO_ROOT
@@ -239,7 +240,7 @@ def test_no_lungs_names_the_file(tmp_path):
 
 
 def test_loose_files_in_the_dataset_folder_are_mentioned(tmp_path, caplog):
-    from drasclr_ext.preprocess.cohort import read_datalist
+    from drasclr_ext.subjects import read_datalist
 
     scans = _scans(tmp_path / "scans", "a.nii.gz", "notes.txt", "scan.dcm.zip")
     with caplog.at_level("WARNING"):

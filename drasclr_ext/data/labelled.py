@@ -33,12 +33,11 @@ from tqdm.auto import tqdm
 
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.errors import DrasCLRError, InputImageError
-from drasclr_ext.fileio import atomic_save_npy, atomic_write_json, write_failures
+from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
 from drasclr_ext.geometry import array_and_affine, resample_to_grid
-from drasclr_ext.inference.runner import failure_row
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
+from drasclr_ext.subjects import failure_row, subject_name, write_failures
 from drasclr_ext.transforms.atlas_grid import atlas_grid
-from drasclr_ext.transforms.io import subject_name
 
 __all__ = [
     "LabelledGridDataset",

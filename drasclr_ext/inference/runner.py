@@ -6,42 +6,20 @@ import json
 import logging
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from drasclr_ext.errors import DrasCLRError, our_error
-from drasclr_ext.fileio import FAILURE_FIELDS, FAILURES_FILE, atomic_write_json, write_failures
+from drasclr_ext.errors import DrasCLRError
+from drasclr_ext.fileio import atomic_write_json
 from drasclr_ext.parallel import distributed_rank, run_shares
-from drasclr_ext.preprocess.cohort import read_datalist
-from drasclr_ext.transforms.io import subject_names
+from drasclr_ext.subjects import FAILURES_FILE, failure_row, read_datalist, subject_names, write_failures
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
-__all__ = [
-    "FAILURES_FILE",
-    "FAILURE_FIELDS",
-    "CohortRunner",
-    "failure_row",
-    "our_error",
-    "write_failures",
-]
-
-
-def failure_row(subject: str, source: Any, exc: BaseException) -> dict[str, str]:
-    """Log why ``subject`` failed and return its ``failures.csv`` row (our error's message, or the unexpected
-    exception with its traceback in the log)."""
-    ours = our_error(exc)
-    if ours is not None:
-        logger.error(f"{subject}: {ours}")
-        reason, error = str(ours), type(ours).__name__
-    else:
-        logger.error(f"{subject}: unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        reason, error = f"unexpected: {exc}", type(exc).__name__
-    return {"subject": subject, "input": str(source), "error": error, "reason": reason}
+__all__ = ["CohortRunner"]
 
 
 class CohortRunner:

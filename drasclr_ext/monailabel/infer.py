@@ -14,14 +14,14 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from drasclr_ext.errors import InputImageError
+from drasclr_ext.errors import InputImageError, our_error
 from drasclr_ext.fileio import json_safe
-from drasclr_ext.inference.runner import our_error
 from drasclr_ext.monailabel.bundle import INFER_DEFAULTS, SubtypeBundle, SubtypePipeline
 from drasclr_ext.monailabel.compat import move_string_image_keys
 from drasclr_ext.monailabel.errors import LabelRequestError
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
-from drasclr_ext.transforms.io import save_like, subject_name
+from drasclr_ext.subjects import subject_name
+from drasclr_ext.transforms.io import save_like
 
 __all__ = ["LABELS", "SubtypeInferTask"]
 

@@ -16,7 +16,6 @@ store (:mod:`drasclr_ext.data.patch_store`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -27,63 +26,14 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.fileio import FAILURES_FILE, atomic_save_npy, atomic_write_json, write_failures
+from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
 from drasclr_ext.parallel import distributed_rank, run_shares, set_threads
+from drasclr_ext.subjects import FAILURES_FILE, failure_row, read_datalist, subject_name, subject_names, write_failures
 
-__all__ = ["preprocess_cohort", "preprocess_subject", "read_datalist"]
+__all__ = ["preprocess_cohort", "preprocess_subject"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-_DATALIST_SECTIONS = ("training", "validation", "test", "testing")
-
-
-def read_datalist(datalist: PathLike) -> list[Path]:
-    """The scans of a MONAI datalist JSON (sections ``training``/``validation``/``test`` of ``{"image": ...}``
-    entries, or a plain list of entries or paths; relative paths resolved against the JSON's folder) or of a folder
-    (each image file and each DICOM series folder is a scan; a folder of DICOM files alone is one scan)."""
-    src = Path(datalist)
-    if src.is_dir():
-        entries = sorted(p for p in src.iterdir() if not p.name.startswith("."))
-        scans = [p for p in entries if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES)]
-        scans += [p for p in entries if p.is_dir() and any(c.is_file() for c in p.iterdir())]
-        if not scans and any(p.is_file() for p in entries):
-            scans = [src]  # the folder itself is one DICOM series
-        ignored = [p.name for p in entries if p not in scans and src not in scans]
-        if ignored:
-            logger.warning(
-                f"{src}: ignoring {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} that are neither a "
-                f"CT file ({', '.join(_IMAGE_SUFFIXES)}) nor a folder of DICOM files: {', '.join(ignored[:10])}"
-                + (", ..." if len(ignored) > 10 else "")
-            )
-        return sorted(scans)
-    if not src.is_file():
-        raise DrasCLRError(f"datalist {src} does not exist; give a MONAI datalist JSON or a folder of scans")
-    try:
-        with open(src) as f:
-            content = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DrasCLRError(f"datalist {src} is not valid JSON ({e}); give a MONAI datalist JSON or a folder") from e
-    if isinstance(content, dict):
-        items: list[Any] = []
-        for section in _DATALIST_SECTIONS:
-            items += list(content.get(section, []) or [])
-    elif isinstance(content, list):
-        items = content
-    else:
-        raise DrasCLRError(f"datalist {src}: expected a JSON object with 'training'/'test' lists or a list")
-    scans: list[Path] = []
-    for item in items:
-        value = item.get("image") if isinstance(item, dict) else item
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str):
-            raise DrasCLRError(f"datalist {src}: entry {item!r} has no 'image' path")
-        path = Path(value)
-        path = path if path.is_absolute() else src.parent / path
-        if path not in scans:
-            scans.append(path)
-    return scans
 
 
 _PIPELINES: dict[tuple, tuple] = {}  # per process: the atlas transforms, built once
@@ -128,7 +78,7 @@ def preprocess_subject(
     Raises whatever fails (``DrasCLRError`` subclasses for bad input or a failed registration).
     """
     from drasclr_ext.quality import scan_quality
-    from drasclr_ext.transforms.io import load_ct, save_like, subject_name
+    from drasclr_ext.transforms.io import load_ct, save_like
     from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml
 
     path = Path(path)
@@ -197,9 +147,8 @@ def _run_one(path: str, out: str, atlas: str, atlas_path: Optional[str], k: int,
     """Worker entry: never raises; returns the status dict or a failure dict with the reason."""
     try:
         return preprocess_subject(path, out, atlas, atlas_path, k, overwrite, subject)
-    except Exception as e:  # one bad scan never stops the cohort
-        reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
-        return {"subject": subject, "status": "failed", "input": path, "error": type(e).__name__, "reason": reason}
+    except Exception as exc:  # one bad scan never stops the cohort
+        return {**failure_row(subject, path, exc), "status": "failed"}
 
 
 def _write_failures(out: Path, failures: list[dict]) -> Path:
@@ -238,7 +187,6 @@ def preprocess_cohort(
         summary: counts (``total``, ``done``, ``skipped``, ``failed``), ``failures_csv``, ``store``.
     """
     from drasclr_ext.atlas import load_atlas
-    from drasclr_ext.transforms.io import subject_names
 
     load_atlas(atlas, atlas_path)  # fail fast on a bad atlas, before touching any scan
     scans = read_datalist(datalist)

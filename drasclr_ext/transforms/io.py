@@ -19,15 +19,13 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from drasclr_ext.errors import DrasCLRError, InputImageError
-from drasclr_ext.fileio import atomic_write, check_finite
+from drasclr_ext.errors import InputImageError
+from drasclr_ext.fileio import NIFTI_SUFFIXES, write_nifti
+from drasclr_ext.geometry import affine_of, spatial_array
+from drasclr_ext.subjects import subject_name
 from drasclr_ext.transforms.validate import check_ct_array
 
 PathLike = Union[str, os.PathLike]
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-CT_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 # DICOM tags copied into meta["acquisition"]; unknown numbers are NaN and unknown texts "" (not None, which
 # MONAI's default collation cannot batch).
@@ -57,35 +55,6 @@ def empty_acquisition() -> dict[str, Any]:
     acq["pixel_spacing"] = [float("nan"), float("nan")]
     acq["dicom_series_in_folder"] = 0
     return acq
-
-
-def subject_name(path: PathLike) -> str:
-    """File name without its image extension(s), or the DICOM folder's name."""
-    p = Path(path)
-    if p.is_dir():
-        return p.resolve().name
-    name = p.name
-    for suffix in CT_SUFFIXES + (".gz",):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return p.stem
-
-
-def subject_names(paths: Sequence[PathLike]) -> list[str]:
-    """``subject_name`` of each path; ``DrasCLRError`` naming the files when two inputs would share one output folder
-    (``scan.nii`` and ``scan.nii.gz``, or two DICOM folders of the same name)."""
-    names = [subject_name(p) for p in paths]
-    groups: dict[str, list[str]] = {}
-    for name, path in zip(names, paths):
-        groups.setdefault(name, []).append(str(path))
-    clashes = {name: files for name, files in groups.items() if len(files) > 1}
-    if clashes:
-        listed = "; ".join(f"{name!r}: {', '.join(files)}" for name, files in list(clashes.items())[:5])
-        raise DrasCLRError(
-            f"{len(clashes)} subject name(s) are shared by several inputs, whose results would overwrite each other "
-            f"({listed}). Rename or remove one of each, or give a datalist without them"
-        )
-    return names
 
 
 def _dicom_header(filename: str) -> dict[str, str]:
@@ -345,20 +314,6 @@ def load_ct(path: PathLike) -> MetaTensor:
     return MetaTensor(torch.from_numpy(np.asarray(data, dtype=np.float32)), affine=affine, meta=meta)
 
 
-def _spatial_array(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    """(X, Y, Z) numpy view of an (X, Y, Z) or channel-first (1, X, Y, Z) array or tensor."""
-    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    return arr
-
-
-def _affine_of(reference: MetaTensor | np.ndarray | torch.Tensor) -> np.ndarray:
-    affine = reference.affine if isinstance(reference, MetaTensor) else reference
-    affine = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
-    return np.asarray(affine, dtype=np.float64)
-
-
 def save_like(
     array: np.ndarray | torch.Tensor,
     reference: MetaTensor,
@@ -373,23 +328,11 @@ def save_like(
         path: output file ending in .nii.gz or .nii.
         dtype: voxel type on disk, e.g. ``np.uint8`` for label maps.
     """
-    path = Path(path)
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise ValueError(f"save_like writes NIfTI: {path} should end in .nii.gz or .nii")
-    import nibabel as nib
-
-    arr = _spatial_array(array)
-    ref_shape = tuple(_spatial_array(reference).shape) if isinstance(reference, torch.Tensor) else None
+    arr = spatial_array(array)
+    ref_shape = tuple(spatial_array(reference).shape) if isinstance(reference, torch.Tensor) else None
     if ref_shape is not None and tuple(arr.shape) != ref_shape:
         raise ValueError(f"array shape {tuple(arr.shape)} differs from the reference's {ref_shape}")
-    check_finite(arr, path)
-    affine = _affine_of(reference)
-    image = nib.Nifti1Image(np.asarray(arr, dtype=dtype), affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    return atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=f".tmp{suffix}")
+    return write_nifti(path, arr, affine_of(reference), dtype)
 
 
 class LoadCT(Transform):
@@ -418,7 +361,6 @@ class LoadCTd(MapTransform):
 
 
 __all__: Sequence[str] = [
-    "CT_SUFFIXES",
     "LoadCT",
     "LoadCTd",
     "acquisition_from_dicom",
@@ -427,6 +369,4 @@ __all__: Sequence[str] = [
     "load_ct",
     "save_like",
     "select_dicom_series",
-    "subject_name",
-    "subject_names",
 ]
