@@ -25,6 +25,8 @@ from monai.bundle import ConfigWorkflow
 from drasclr_ext.distribution import (
     SCHEMA_NAME,
     DistributionError,
+    _check_required_version,
+    build_release,
     check_bundle,
     download_bundle,
     extract_bundle_zip,
@@ -47,7 +49,7 @@ from tests.bundle_utils import (
     serve_folder,
     write_small_phantom,
 )
-from tests.conftest import SHARED_DIR, shared_path
+from tests.conftest import REPO_ROOT, SHARED_DIR, shared_path
 
 EMPHYSEMA, SSL = "drasclr_emphysema_subtype", "drasclr_lung_ct_ssl"
 NAMES = (EMPHYSEMA, SSL)
@@ -214,6 +216,27 @@ def test_check_bundle_wants_the_data_licence_and_files_within_the_zoo_limit(tmp_
     monkeypatch.setattr(distribution, "MAX_FILE_BYTES", 10 * 2**20)  # the weights (16.6 MB) are now too large
     with pytest.raises(DistributionError, match=r"models/model.pt \(15.8 MiB\) exceed .* float16"):
         check_bundle(bundle, schema)
+
+
+def test_a_release_folder_must_be_new_or_empty_and_a_failed_build_leaves_nothing(tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.whl").write_bytes(b"")
+    with pytest.raises(DistributionError, match="exists and is not an empty folder"):
+        build_release(tmp_path / "used", REPO_ROOT, BUNDLES, isolation=False)
+    (tmp_path / "not_a_checkout").mkdir()
+    with pytest.raises(DistributionError, match=r"lacks .*'setup.cfg'.*--source must be the drasclr-ext checkout"):
+        build_release(tmp_path / "release", tmp_path / "not_a_checkout", BUNDLES, isolation=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_checkout", "used"]  # no release, no hidden folder
+
+
+def test_released_bundles_must_require_the_wheel_version(tmp_path):
+    meta = json.loads((BUNDLES / SSL / "configs" / "metadata.json").read_text())
+    version = meta["required_packages_version"]["drasclr-ext"]
+    (tmp_path / SSL / "configs").mkdir(parents=True)
+    (tmp_path / SSL / "configs" / "metadata.json").write_text(json.dumps(meta))
+    _check_required_version(tmp_path, [SSL], tmp_path / f"drasclr_ext-{version}-py3-none-any.whl")
+    with pytest.raises(DistributionError, match=rf"requires drasclr-ext=={version} but the release builds"):
+        _check_required_version(tmp_path, [SSL], tmp_path / "drasclr_ext-9.9.9-py3-none-any.whl")
 
 
 # ------------------------------------------------------------------------------------------------ downloading
