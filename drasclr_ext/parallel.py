@@ -116,7 +116,7 @@ def _positive_int(value: Any, source: str) -> int:
     except ValueError:
         number = 0
     if number < 1:
-        raise DrasCLRError(f"{source} must be a whole number of threads >= 1, got {value!r}")
+        raise DrasCLRError(f"{source} must be a whole number >= 1, got {value!r}")
     return number
 
 

@@ -44,7 +44,7 @@ def test_threads_per_process(cores, workers, env, threads, expected):
 @pytest.mark.parametrize(
     "workers, env, threads, message",
     [
-        (1, {"DRASCLR_THREADS": "0"}, None, r"\$DRASCLR_THREADS must be a whole number of threads >= 1, got '0'"),
+        (1, {"DRASCLR_THREADS": "0"}, None, r"\$DRASCLR_THREADS must be a whole number >= 1, got '0'"),
         (1, {"OMP_NUM_THREADS": "two"}, None, r"\$OMP_NUM_THREADS must be .* got 'two'"),
         (1, {}, -1, "threads must be"),
         (0, {}, None, "workers must be"),
