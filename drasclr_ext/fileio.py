@@ -248,5 +248,3 @@ class OutputLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
-
-

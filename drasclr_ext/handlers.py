@@ -7,7 +7,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, Events
@@ -16,6 +16,7 @@ from monai.handlers import CheckpointLoader
 from drasclr_ext.bundle_files import record_large_file
 from drasclr_ext.checkpoint import save_atomic, unwrap
 from drasclr_ext.fileio import atomic_write_json
+from drasclr_ext.parallel import distributed_rank
 
 logger = logging.getLogger(__name__)
 EPOCH_FILE = re.compile(r"^(?P<prefix>.+)_epoch=(?P<epoch>\d+)\.pt$")
@@ -245,3 +246,19 @@ class MetricsJSONWriter:
             content["subjects"] = list(self.per_subject.scores.subjects)
         atomic_write_json(self.filepath, content)
         logger.info(f"metrics written to {self.filepath}")
+
+
+def trainer_handlers(
+    handlers: Sequence[Any],
+    rank0_handlers: Sequence[Any],
+    validation_handlers: Sequence[Any] = (),
+    final_export_handlers: Sequence[Any] = (),
+    validation_data: Sequence[Any] = (),
+) -> list[Any]:
+    """The trainer's handlers: ``handlers`` on every process; on rank 0 (or a single process) also
+    ``rank0_handlers`` and, with validation data, ``validation_handlers`` (the best model is exported), without it
+    ``final_export_handlers`` (the last model is)."""
+    if distributed_rank()[0] != 0:
+        return list(handlers)
+    chosen = validation_handlers if len(validation_data) > 0 else final_export_handlers
+    return [*handlers, *rank0_handlers, *chosen]

@@ -24,6 +24,7 @@ __all__ = [
     "THREADS_ENV",
     "distributed_rank",
     "gather_to_all",
+    "on_rank0",
     "process_group",
     "run_shares",
     "set_threads",
@@ -45,6 +46,11 @@ def distributed_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def on_rank0(items: Sequence[T]) -> list[T]:
+    """``items`` on rank 0 (or without ``torchrun``), nothing on the other ranks: work that one process does."""
+    return list(items) if distributed_rank()[0] == 0 else []
 
 
 def share(items: Sequence[T], rank: int, world: int) -> list[T]:

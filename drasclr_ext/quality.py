@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from drasclr_ext.geometry import axis_towards
+from drasclr_ext.geometry import axis_towards, voxel_spacing
 from drasclr_ext.transforms.contrast import ENHANCED_BLOOD_HU
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def scan_quality(image: Any, affine: Optional[np.ndarray] = None) -> list[dict[s
     if affine is None:
         affine = getattr(image, "affine", meta.get("affine"))
     affine = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine, dtype=np.float64)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = voxel_spacing(affine)
     acquisition = meta.get("acquisition") or {}
     flags = [flag for check in CHECKS if (flag := check(spacing, acquisition)) is not None]
     for flag in flags:

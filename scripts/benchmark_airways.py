@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drasclr_ext.transforms.lung_mask import compute_lung_mask, voxel_spacing  # noqa: E402
+from drasclr_ext.geometry import voxel_spacing  # noqa: E402
+from drasclr_ext.transforms.lung_mask import compute_lung_mask  # noqa: E402
 from tests import airway_cases as ac  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -20,8 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from drasclr_ext.geometry import voxel_spacing  # noqa: E402
 from drasclr_ext.transforms.io import load_ct  # noqa: E402
-from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml, voxel_spacing  # noqa: E402
+from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml  # noqa: E402
 
 
 def _show(ax, image: np.ndarray, labels: np.ndarray, airway: np.ndarray, aspect: float, title: str) -> None:

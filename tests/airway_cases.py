@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from drasclr_ext.transforms.lung_mask import axis_towards, voxel_spacing
+from drasclr_ext.geometry import axis_towards, voxel_spacing
 
 OUTSIDE = 255  # to_grid's value where the variant does not cover the original grid
 

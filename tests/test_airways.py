@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from drasclr_ext.errors import InputImageError
+from drasclr_ext.geometry import voxel_spacing
 from drasclr_ext.quality import subject_quality
-from drasclr_ext.transforms.lung_mask import compute_lung_mask, voxel_spacing
+from drasclr_ext.transforms.lung_mask import compute_lung_mask
 from tests import airway_cases as ac
 from tests.conftest import shared_path
 from tests.synthetic_chest import make_chest

@@ -17,7 +17,7 @@ from monai.data import DataLoader, MetaTensor
 
 from drasclr_ext.bundle_files import large_file_hash, record_large_file
 from drasclr_ext.checkpoint import sha256sum
-from drasclr_ext.data.labelled import LabelledGridDataset, LoadLabelMapd, labelled_subjects
+from drasclr_ext.data.labelled import LabelledGridDataset, labelled_subjects
 from drasclr_ext.engines.finetune import (
     SubjectDenseInferer,
     first_item,
@@ -32,6 +32,7 @@ from drasclr_ext.metrics.subtype import SubtypeMetric, SubtypeScores, roc_auc
 from drasclr_ext.networks.segmentation import DrasCLRSegNet
 from drasclr_ext.transforms.atlas_grid import location_channels
 from drasclr_ext.transforms.io import load_ct
+from drasclr_ext.transforms.labels import LoadLabelMapd
 from drasclr_ext.transforms.registration import RegistrationResult
 from tests.bundle_utils import config
 from tests.synthetic_chest import make_chest

@@ -6,7 +6,7 @@ A labelled datalist is a MONAI datalist JSON whose entries hold ``image`` (a CT 
 
 - :func:`labelled_subjects` reads one section, keeping a seeded ``label_fraction`` of it (nested: the 10 % subset
   lies inside the 25 % one).
-- :class:`LoadLabelMapd` reads the label map and checks it lies on the image's grid.
+- :class:`~drasclr_ext.transforms.labels.LoadLabelMapd` reads the label map and checks it lies on the image's grid.
 - :class:`PreprocessedSubjects` runs the bundle's preprocessing once per subject and keeps the results (for
   validation and evaluation); a subject that fails is logged, listed in ``failures``, and left out.
 - :class:`LabelledGridDataset` resamples each training subject and its labels onto the 1 mm atlas grid once,
@@ -19,15 +19,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -41,7 +39,6 @@ from drasclr_ext.transforms.atlas_grid import atlas_grid
 
 __all__ = [
     "LabelledGridDataset",
-    "LoadLabelMapd",
     "PreprocessedSubjects",
     "labelled_grid",
     "labelled_subjects",
@@ -85,48 +82,6 @@ def labelled_subjects(
     keep = max(1, int(round(float(label_fraction) * len(entries))))
     order = np.random.default_rng(int(seed)).permutation(len(entries))
     return [entries[i] for i in sorted(order[:keep])]
-
-
-class LoadLabelMapd(MapTransform):
-    """Read label maps (NIfTI/NRRD/MHA) as uint8 (X, Y, Z) MetaTensors and check they lie on the grid of
-    ``d[reference_key]`` (same shape, affine within ``atol`` mm)."""
-
-    def __init__(
-        self, keys: KeysCollection = "label", reference_key: str = "image", atol: float = 1e-3, allow_missing_keys=False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.reference_key = reference_key
-        self.atol = float(atol)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.transforms import LoadImage
-
-        d = dict(data)
-        _, ref_affine = array_and_affine(d[self.reference_key])
-        ref_shape = tuple(d[self.reference_key].shape[-3:])
-        for key in self.key_iterator(d):
-            source = d[key]
-            try:
-                label = LoadImage(image_only=True, dtype=np.uint8)(source)
-            except Exception as exc:
-                raise InputImageError(
-                    f"cannot read the label map {source} ({exc}); give a NIfTI/NRRD/MHA file"
-                ) from exc
-            if tuple(label.shape[-3:]) != ref_shape or not np.allclose(
-                label.affine.numpy(), ref_affine, atol=self.atol
-            ):
-                raise InputImageError(
-                    f"the label map {source} (shape {tuple(label.shape)}) does not lie on the grid of its image "
-                    f"(shape {ref_shape}): resample the labels onto the image (nearest neighbour) first"
-                )
-            values = np.unique(np.asarray(label))
-            if values.max() > 4:
-                raise InputImageError(
-                    f"the label map {source} has values {values.tolist()}; emphysema labels are 0 outside lung, "
-                    "1 normal, 2 centrilobular, 3 paraseptal, 4 panlobular"
-                )
-            d[key] = MetaTensor(torch.as_tensor(np.asarray(label), dtype=torch.uint8), affine=label.affine)
-        return d
 
 
 def _run_subjects(

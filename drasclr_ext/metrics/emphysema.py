@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from drasclr_ext.errors import InputImageError
+from drasclr_ext.geometry import memory_layout
 
 __all__ = [
     "LAA_THRESHOLD_HU",
@@ -184,7 +185,7 @@ def emphysema_report(hu: Any, lung_mask: Any, affine: Any, subtype_label: Any = 
         raise InputImageError(f"subtype label {label.shape} and lung mask {m.shape} differ in shape")
     box = _lung_box(m)
     codes = _region_codes(m, a, box)
-    order = "F" if codes.flags.f_contiguous and not codes.flags.c_contiguous else "C"  # flatten in memory order
+    order = memory_layout(codes)  # flatten in memory order
     values = h[box].ravel(order)[codes.ravel(order) > 0]
     # key = 10 * region code + 5 * (below -950 HU) + label (labels other than 1..4 count as 0)
     key = codes * np.uint8(10)

@@ -27,6 +27,7 @@ import numpy as np
 
 from drasclr_ext.errors import DrasCLRError
 from drasclr_ext.fileio import atomic_save_npy, atomic_write_json
+from drasclr_ext.geometry import voxel_spacing
 from drasclr_ext.parallel import distributed_rank, run_shares, set_threads
 from drasclr_ext.subjects import FAILURES_FILE, failure_row, read_datalist, subject_name, subject_names, write_failures
 
@@ -36,18 +37,24 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-_PIPELINES: dict[tuple, tuple] = {}  # per process: the atlas transforms, built once
+_CHAINS: dict[tuple, Any] = {}  # per process: the preprocessing chain, built once (ITK starts once)
+_STEP_TIMINGS = {
+    "LoadCTd": "read_s",
+    "LungMaskd": "lung_mask_s",
+    "AtlasRegistrationd": "registration_s",
+    "AnatomicalPatchesd": "patches_s",
+}
 
 
-def _pipeline(atlas: str, atlas_path: Optional[str], k: int) -> tuple:
+def _chain(atlas: str, atlas_path: Optional[str], k: int) -> Any:
+    """The bundles' preprocessing chain with the anatomical patches (``ct_preprocessing``), cached per process."""
     key = (atlas, atlas_path, k)
-    if key not in _PIPELINES:
-        from drasclr_ext.transforms.patches import AnatomicalPatches
-        from drasclr_ext.transforms.registration import AtlasRegistration
+    if key not in _CHAINS:
+        from drasclr_ext.atlas import load_atlas
+        from drasclr_ext.transforms.chain import ct_preprocessing
 
-        registration = AtlasRegistration(atlas, atlas_path=atlas_path)
-        _PIPELINES[key] = (registration, AnatomicalPatches(registration.atlas, k=k))
-    return _PIPELINES[key]
+        _CHAINS[key] = ct_preprocessing(load_atlas(atlas, atlas_path), patches_k=k)
+    return _CHAINS[key]
 
 
 def _versions() -> dict[str, str]:
@@ -78,55 +85,45 @@ def preprocess_subject(
     Raises whatever fails (``DrasCLRError`` subclasses for bad input or a failed registration).
     """
     from drasclr_ext.quality import scan_quality
-    from drasclr_ext.transforms.io import load_ct, save_like
-    from drasclr_ext.transforms.lung_mask import compute_lung_mask, lung_volumes_ml
+    from drasclr_ext.transforms.io import save_like
+    from drasclr_ext.transforms.lung_mask import lung_volumes_ml
 
     path = Path(path)
     subject = subject or subject_name(path)
     subject_dir = Path(out) / subject
     if (subject_dir / "meta.json").is_file() and not overwrite:
         return {"subject": subject, "status": "skipped", "input": str(path)}
+    chain = _chain(atlas, atlas_path, k)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    image = load_ct(path)
-    hu = image.numpy()
+    data: dict[str, Any] = {"image": str(path)}
+    for step in chain.transforms:  # the chain's steps one by one: each is timed
+        t = time.perf_counter()
+        data = step(data)
+        timings[_STEP_TIMINGS.get(type(step).__name__, type(step).__name__)] = time.perf_counter() - t
+    image, result = data["image"], data["registration"]
     affine = np.asarray(image.affine, dtype=np.float64)
-    timings["read_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    lung = compute_lung_mask(hu, affine, name=str(path))
-    timings["lung_mask_s"] = time.perf_counter() - t
-
-    registration, patcher = _pipeline(atlas, atlas_path, k)
-    t = time.perf_counter()
-    result = registration(lung, affine)
-    timings["registration_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    patches = patcher(hu, result, affine=affine)
-    timings["patches_s"] = time.perf_counter() - t
-    if not np.all(np.isfinite(patches["patches"])):
+    lung = np.asarray(data["lung_mask"])[0]
+    if not np.all(np.isfinite(data["patches"])):
         raise DrasCLRError(f"{path}: non-finite patch values; check the scan's intensities")
 
     subject_dir.mkdir(parents=True, exist_ok=True)
     (subject_dir / "meta.json").unlink(missing_ok=True)  # overwrite: unfinished until meta.json is written again
     save_like(lung, image, subject_dir / "lung_mask.nii.gz", dtype=np.uint8)
-    atomic_save_npy(subject_dir / "patches.npy", patches["patches"].astype(np.float16))
-    atomic_save_npy(subject_dir / "locations.npy", patches["locations"])
-    atomic_save_npy(subject_dir / "neighbours.npy", patches["neighbours"])
-    atomic_save_npy(subject_dir / "centres_world.npy", patches["centres_world"])
+    atomic_save_npy(subject_dir / "patches.npy", np.asarray(data["patches"]).astype(np.float16))
+    for name in ("locations", "neighbours", "centres_world"):
+        atomic_save_npy(subject_dir / f"{name}.npy", np.asarray(data[name]))
     result.save(subject_dir / "transform.json")
     meta = {
         "subject": subject,
         "input": str(path.resolve()),
-        "shape": list(hu.shape),
-        "spacing_mm": np.asarray(image.meta.get("spacing", np.linalg.norm(affine[:3, :3], axis=0))).tolist(),
+        "shape": list(lung.shape),
+        "spacing_mm": np.asarray(image.meta.get("spacing", voxel_spacing(affine))).tolist(),
         "affine": affine.tolist(),
         "acquisition": image.meta.get("acquisition"),
         "quality": scan_quality(image),
         "lung_volume_ml": lung_volumes_ml(lung, affine),
-        "atlas": registration.atlas.name,
-        "num_landmarks": registration.atlas.num_landmarks,
+        "atlas": result.atlas_name,
+        "num_landmarks": int(len(data["locations"])),
         "neighbours_k": k,
         "registration": {
             "dice": result.dice,

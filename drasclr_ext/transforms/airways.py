@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import numpy as np
 from scipy import ndimage
 
-from drasclr_ext.geometry import axis_towards
+from drasclr_ext.geometry import axis_towards, voxel_spacing
 
 if TYPE_CHECKING:
     from drasclr_ext.transforms.lung_mask import LungMaskParams
@@ -204,7 +204,7 @@ def find_airways(
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The trachea and main bronchi lumen (bool, coarse grid) and the seed they grew from; empty and None when no
     seed passes the verification (see the module's docstring)."""
-    spacing_c = np.linalg.norm(np.asarray(affine_c, dtype=np.float64)[:3, :3], axis=0)
+    spacing_c = voxel_spacing(affine_c)
     grower = AirwayGrower(hu_c, candidates, voxel_ml, params)
     rejected = np.zeros(candidates.shape, dtype=bool)
     trials = 0

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from drasclr_ext.geometry import axis_towards
+from drasclr_ext.geometry import axis_towards, voxel_spacing
 
 ENHANCED_BLOOD_HU = 100.0
 HEART_LEVELS = (0.2, 0.6)  # of the lungs' height, from their base
@@ -67,7 +67,7 @@ def blood_pool_hu(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> flo
     region = mediastinum(labels, affine)
     values = np.asarray(hu)[region]
     values = values[(values > SOFT_TISSUE_HU[0]) & (values < SOFT_TISSUE_HU[1])]
-    voxel_ml = float(np.prod(np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0))) / 1000.0
+    voxel_ml = float(np.prod(voxel_spacing(affine))) / 1000.0
     if values.size * voxel_ml < MIN_BLOOD_POOL_ML:
         return math.nan
     return round(float(np.percentile(values, PERCENTILE)), 1)

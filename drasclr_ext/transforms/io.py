@@ -21,7 +21,7 @@ from monai.transforms import MapTransform, Transform
 
 from drasclr_ext.errors import InputImageError
 from drasclr_ext.fileio import NIFTI_SUFFIXES, write_nifti
-from drasclr_ext.geometry import affine_of, spatial_array
+from drasclr_ext.geometry import affine_of, spatial_array, voxel_spacing
 from drasclr_ext.subjects import subject_name
 from drasclr_ext.transforms.validate import check_ct_array
 
@@ -300,7 +300,7 @@ def load_ct(path: PathLike) -> MetaTensor:
     path = Path(path)
     data, affine, acquisition = _read_any(path)
     data, affine = check_ct_array(data, affine, name=str(path))
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     meta = {
         "filename_or_obj": str(path),
         "subject": subject_name(path),

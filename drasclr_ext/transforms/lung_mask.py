@@ -60,7 +60,7 @@ def _block_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     if factors == (1, 1, 1):
         return np.asarray(hu, dtype=np.float32)
     arr = np.asarray(hu, dtype=np.float32)
-    fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous  # NIfTI/ITK arrays: pool the C-ordered view
+    fortran = memory_layout(arr) == "F"  # NIfTI/ITK arrays: pool the C-ordered view
     x = torch.from_numpy(arr.T if fortran else np.ascontiguousarray(arr))[None, None]
     kernel = tuple(reversed(factors)) if fortran else factors
     with torch.no_grad():

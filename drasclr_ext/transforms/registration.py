@@ -29,7 +29,7 @@ from scipy import ndimage
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.errors import RegistrationError
 from drasclr_ext.fileio import atomic_write_json
-from drasclr_ext.geometry import apply_affine, array_and_affine, voxel_spacing
+from drasclr_ext.geometry import apply_affine, array_and_affine, memory_layout, voxel_spacing
 
 __all__ = [
     "AtlasRegistration",
@@ -124,7 +124,7 @@ def block_average(mask: np.ndarray, affine: np.ndarray, grid_mm: float) -> tuple
     if np.any(shape < 1):
         raise RegistrationError(f"lung mask of shape {mask.shape} is too small to register; check the scan")
     cropped = np.asarray(mask[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]) > 0
-    if cropped.flags.f_contiguous and not cropped.flags.c_contiguous:  # NIfTI order: sum the C-ordered transpose
+    if memory_layout(cropped) == "F":  # NIfTI order: sum the C-ordered transpose
         out = _block_sums(cropped.T, shape[::-1], factors[::-1]).T
     else:
         out = _block_sums(np.ascontiguousarray(cropped), shape, factors)
@@ -209,7 +209,7 @@ def _itk_image(array: np.ndarray, affine: np.ndarray):
     api = _itk_classes()
     image = api.image_view(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
     lps = _LPS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    spacing = voxel_spacing(lps)
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
     image.SetDirection(api.matrix(lps[:3, :3] / spacing))
