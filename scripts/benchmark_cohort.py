@@ -31,6 +31,7 @@ BUNDLE = REPO / "bundles" / "drasclr_emphysema_subtype"
 RUNS = {
     "idle_1": ("idle", 1, {}),
     "idle_2": ("idle", 2, {}),
+    "idle_1_threads1": ("idle", 1, {"DRASCLR_THREADS": "1"}),
     "loaded_1": ("loaded", 1, {}),
     "loaded_2": ("loaded", 2, {}),
     "loaded_1_threads1": ("loaded", 1, {"DRASCLR_THREADS": "1"}),
