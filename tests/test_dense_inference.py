@@ -305,3 +305,16 @@ def test_report_measures_the_input(inferred):
     assert report["acquisition"]["convolution_kernel"] == "B30f"
     assert report["acquisition"]["spacing_mm"] == pytest.approx([2.0, 2.0, 2.5])
     assert report["model"] == {"bundle": "test"} and report["drasclr_ext_version"]
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_autocast_auto_uses_bfloat16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
+    from drasclr_ext.inference.dense import native_bfloat16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert native_bfloat16("cpu") is expected
+    assert DenseSubtypeInferer(torch.nn.Identity(), autocast="auto").autocast is expected
+    assert DenseSubtypeInferer(torch.nn.Identity(), autocast=True).autocast is True

@@ -41,6 +41,7 @@ __all__ = [
     "DenseSubtypeWriter",
     "LungWindowPredictor",
     "dataset_or_phantom",
+    "native_bfloat16",
     "render_overview",
     "subtype_labels",
 ]
@@ -59,6 +60,18 @@ def subtype_labels(probabilities: np.ndarray, lung_mask: np.ndarray) -> np.ndarr
         best = np.argmax(probabilities[(slice(None), *box)], axis=0).astype(np.uint8)
         labels[box] = np.where(lung[box], best + 1, 0)
     return labels
+
+
+def native_bfloat16(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX
+    (elsewhere torch emulates bfloat16 convolutions, several times slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
 
 
 class LungWindowPredictor:
@@ -109,7 +122,8 @@ class DenseSubtypeInferer:
         overlap: overlap of neighbouring windows (``sliding_window_inference``'s).
         sigma_scale: Gaussian blending sigma as a fraction of the window.
         margin: mm of grid around the lung bounding box.
-        autocast: run the network under bfloat16 autocast (see docs/BENCHMARKS.md before turning it on).
+        autocast: run the network under bfloat16 autocast: True, False, or "auto" (on where the device computes
+            bfloat16 natively, see :func:`native_bfloat16`; emulated bfloat16 is several times slower).
         atlas_path: folder of the atlas files, for atlases that need it.
     """
 
@@ -123,7 +137,7 @@ class DenseSubtypeInferer:
         overlap: float = 0.25,
         sigma_scale: float = 0.125,
         margin: int = 4,
-        autocast: bool = False,
+        autocast: Union[bool, str] = False,
         atlas_path: Optional[str] = None,
         image_key: str = "image",
         mask_key: str = "lung_mask",
@@ -137,7 +151,7 @@ class DenseSubtypeInferer:
         self.sw_batch_size = int(sw_batch_size)
         self.window, self.overlap, self.sigma_scale = int(window), float(overlap), float(sigma_scale)
         self.margin = int(margin)
-        self.autocast = bool(autocast)
+        self.autocast = native_bfloat16(self.device) if autocast == "auto" else bool(autocast)
         self.image_key, self.mask_key, self.registration_key = image_key, mask_key, registration_key
 
     @torch.inference_mode()
