@@ -217,6 +217,9 @@ class SubtypeMetric(Metric):
         return self._named_scores()
 
     def completed(self, engine: Engine, name: str) -> None:
-        super().completed(engine, name)
-        if self.key is not None and self.all_scores:
-            engine.state.metrics.update(self._named_scores())
+        if self.key is None or not self.all_scores:
+            super().completed(engine, name)
+            return
+        scores = self._named_scores()  # computed once for the key metric and every other score
+        engine.state.metrics.update(scores)
+        engine.state.metrics[name] = scores[f"{self.prefix}{self.key}"]
