@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
@@ -24,6 +25,7 @@ __all__ = [
     "THREADS_ENV",
     "distributed_rank",
     "gather_to_all",
+    "idle_cores",
     "on_rank0",
     "process_group",
     "run_shares",
@@ -116,6 +118,40 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_jiffies(cpus: set[int]) -> tuple[int, int, int]:
+    """(busy, total) clock ticks so far of those of the CPUs ``cpus`` that ``/proc/stat`` lists, and how many."""
+    busy = total = count = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+                count += 1
+    return busy, total, count
+
+
+def idle_cores(interval: float = 0.25) -> Optional[float]:
+    """How many of this process's usable cores other processes left idle over the next ``interval`` seconds (this
+    process's own CPU time not counted as busy); None where ``/proc/stat`` cannot tell (not Linux)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    try:
+        busy0, total0, count = _cpu_jiffies(cpus)
+        own0 = time.process_time()
+        time.sleep(interval)
+        busy1, total1, _ = _cpu_jiffies(cpus)
+        own1 = time.process_time()
+    except (OSError, ValueError):
+        return None
+    if count == 0 or total1 <= total0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    wall = (total1 - total0) / hz / count  # seconds that passed, per CPU
+    others = max(0.0, (busy1 - busy0) / hz - (own1 - own0)) / wall
+    return max(0.0, count - others)
+
+
 def _positive_int(value: Any, source: str) -> int:
     try:
         number = int(str(value).strip())
@@ -131,18 +167,23 @@ def threads_per_process(
     threads: Optional[int] = None,
     environ: Optional[Mapping[str, str]] = None,
     cores: Optional[int] = None,
+    idle: Optional[float] = None,
 ) -> int:
     """The torch intra-op threads for one process of a cohort command.
 
     The first that is set: ``threads``; ``$DRASCLR_THREADS``; ``$OMP_NUM_THREADS``; else the usable cores divided
     by the processes that share them (``workers`` per torchrun process times torchrun's ``LOCAL_WORLD_SIZE``),
-    at least 1, so that processes x threads never exceed the cores.
+    at least 1, so that processes x threads never exceed the cores; and no more than the cores that other
+    processes leave idle allow (on a 2-core machine with one other busy process, 1 thread: OpenMP threads that
+    wait for a busy core stall each other, measured 2-3x slower than 1 thread in docs/BENCHMARKS.md).
 
     Args:
         workers: worker processes that this process starts (each runs scans), 1 when it runs them itself.
         threads: an explicit number of threads (``--threads``), None for the rule.
         environ: the environment (default ``os.environ``).
         cores: the usable cores (default :func:`usable_cores`).
+        idle: the cores other processes leave idle (default: measured by :func:`idle_cores` when ``cores`` is
+            not given; not limited when unknown).
 
     Raises:
         DrasCLRError: an override or ``workers`` that is not a whole number >= 1.
@@ -154,7 +195,12 @@ def threads_per_process(
         if env.get(name, "").strip():
             return _positive_int(env[name], f"${name}")
     processes = _positive_int(workers, "workers") * _positive_int(env.get("LOCAL_WORLD_SIZE", "1"), "LOCAL_WORLD_SIZE")
-    return max(1, (usable_cores() if cores is None else cores) // processes)
+    if idle is None and cores is None:
+        idle = idle_cores()
+    fair = (usable_cores() if cores is None else cores) // processes
+    if idle is not None:
+        fair = min(fair, int(idle + 0.5) // processes)
+    return max(1, fair)
 
 
 def set_threads(workers: int = 1, threads: Optional[int] = None) -> int:

@@ -41,3 +41,27 @@ def test_on_rank0_keeps_the_items_only_on_rank_0(monkeypatch):
     assert on_rank0([1, 2]) == [1, 2]
     monkeypatch.setenv("RANK", "1")
     assert on_rank0([1, 2]) == []
+
+
+ENCODER_SIZES = ("rep_dim", "moco_dim", "num_experts")
+
+
+def _settings(bundle: str, name: str) -> dict:
+    import json
+
+    from tests.bundle_utils import config
+
+    return json.loads(open(config(bundle, name)[0]).read())
+
+
+def test_the_encoder_sizes_agree_in_every_config_of_both_bundles():
+    """Each config is run on its own (the model zoo writes the network in train.json and inference.json alike), so
+    the sizes stand in four files: they must describe one encoder, the one whose weights the bundles ship."""
+    configs = [
+        (b, c) for b in ("drasclr_emphysema_subtype", "drasclr_lung_ct_ssl") for c in ("train.json", "inference.json")
+    ]
+    sizes = {(b, c): tuple(_settings(b, c)[k] for k in ENCODER_SIZES) for b, c in configs}
+    assert len(set(sizes.values())) == 1, sizes
+    dense = [_settings("drasclr_emphysema_subtype", c) for c in ("train.json", "inference.json")]
+    assert dense[0]["decoder_channels"] == dense[1]["decoder_channels"]
+    assert dense[0]["num_classes"] == dense[1]["num_classes"] == 4

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from drasclr_ext import parallel
 from drasclr_ext.errors import DrasCLRError
-from drasclr_ext.parallel import set_threads, threads_per_process, usable_cores
+from drasclr_ext.parallel import idle_cores, set_threads, threads_per_process, usable_cores
 from tests.bundle_utils import config
 
 
@@ -55,7 +58,44 @@ def test_bad_thread_settings_are_refused_with_the_source(workers, env, threads, 
         threads_per_process(workers, threads, environ=env, cores=4)
 
 
+@pytest.mark.parametrize(
+    "cores, workers, idle, expected",
+    [
+        (2, 1, 2.0, 2),  # an idle machine: every core
+        (2, 1, 1.0, 1),  # one other busy process on 2 cores: 1 thread, not 2 that stall each other
+        (2, 1, 1.6, 2),  # a half-busy core still counts as free
+        (2, 1, 0.0, 1),  # every core busy: still one thread
+        (16, 2, 8.3, 4),  # 8 idle cores for 2 workers
+        (16, 2, 16.0, 8),  # idle cores never raise the fair share
+        (2, 1, None, 2),  # unknown load: the fair share
+    ],
+)
+def test_threads_leave_the_cores_that_others_keep_busy(cores, workers, idle, expected):
+    assert threads_per_process(workers, environ={}, cores=cores, idle=idle) == expected
+
+
+def test_a_busy_process_is_seen():
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = idle_cores(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and busy <= usable_cores() - 0.5
+
+
+def test_our_own_cpu_time_is_not_counted_as_load(monkeypatch):
+    ticks = iter([(0, 0, 2), (150, 200, 2)])  # 2 CPUs, 1 s: 1.5 CPU-seconds busy
+    own = iter([0.0, 1.0])  # of which 1 CPU-second was this process
+    monkeypatch.setattr(parallel, "_cpu_jiffies", lambda cpus: next(ticks))
+    monkeypatch.setattr(parallel.time, "process_time", lambda: next(own))
+    monkeypatch.setattr(parallel.time, "sleep", lambda s: None)
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)
+    assert idle_cores() == pytest.approx(1.5)
+
+
 def test_cores_come_from_the_affinity_not_the_cpu_count(monkeypatch):
+    monkeypatch.setattr(parallel, "idle_cores", lambda: None)  # the load of this machine is not under test
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert usable_cores() == 3
