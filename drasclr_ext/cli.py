@@ -66,7 +66,7 @@ def demo(out: str = "drasclr_demo", bundle: str | None = None, seed: int = 0):
 def download(name: str, url: str, bundle_dir: str = ".", sha256: str = None, overwrite: bool = False):
     """Download a bundle zip, check it (``--sha256`` HEX or a .sha256 file; a complete zip; one top folder ``name``)
     and extract it to ``bundle_dir/name`` atomically. Run bundles only from sources you trust: configs run code."""
-    from drasclr_ext.distribution import download_bundle
+    from drasclr_ext.distribution.downloads import download_bundle
 
     sha = None if sha256 is None else str(sha256)  # fire may turn an all-digit value into a number
     return str(download_bundle(str(name), str(url), bundle_dir, sha256=sha, overwrite=overwrite))
@@ -75,7 +75,7 @@ def download(name: str, url: str, bundle_dir: str = ".", sha256: str = None, ove
 def package(out: str, bundles: str | list | None = None, bundles_dir: str = "bundles", schema: str = None):
     """Check the bundles and write deterministic release zips with their .sha256 to ``out`` (as
     ``scripts/package_bundles.py``); ``--bundles NAME`` or ``--bundles "[A,B]"`` picks bundles."""
-    from drasclr_ext.distribution import format_summary, package_bundles
+    from drasclr_ext.distribution.bundle_zips import format_summary, package_bundles
 
     names = [bundles] if isinstance(bundles, str) else bundles
     print(format_summary(package_bundles(bundles_dir, out, names=names, schema=schema)))
@@ -92,7 +92,7 @@ def release(
     """Write the release folder ``out``: the wheel and sdist of drasclr-ext (``python -m build`` of ``--source``),
     the bundle zips with their .sha256 and ``SHA256SUMS``. ``--noisolation`` builds offline with the installed
     setuptools (as ``scripts/package_bundles.py --release``)."""
-    from drasclr_ext.distribution import build_release, format_release
+    from drasclr_ext.distribution.release import build_release, format_release
 
     names = [bundles] if isinstance(bundles, str) else bundles
     print(format_release(build_release(out, source, bundles_dir, names=names, schema=schema, isolation=isolation)))

@@ -5,7 +5,7 @@ Each bundle is checked first: required files, metadata against the MONAI schema 
 ``../shared/schemas`` by default), a changelog entry for the version, ``models/model.pt`` against its sha256 in
 ``large_files.yml``, and ``verify_net_in_out`` of ``network_def``. ``models/model.ts`` is exported into a staging
 copy (the repository is only read). The zips are deterministic: rebuilding in the same environment gives the same
-sha256 (see ``drasclr_ext/distribution.py``).
+sha256 (see ``drasclr_ext/distribution/bundle_zips.py``).
 
     python scripts/package_bundles.py --out dist [--bundles drasclr_lung_ct_ssl ...] [--schema meta_schema.json]
     python scripts/package_bundles.py --release --out release [--no-isolation]
@@ -17,13 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from drasclr_ext.distribution import (
-    DistributionError,
-    build_release,
-    format_release,
-    format_summary,
-    package_bundles,
-)
+from drasclr_ext.distribution.bundle_zips import format_summary, package_bundles
+from drasclr_ext.distribution.release import build_release, format_release
+from drasclr_ext.errors import DistributionError
 
 REPO = Path(__file__).resolve().parents[1]
 

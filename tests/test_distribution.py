@@ -22,21 +22,11 @@ import torch
 import yaml
 from monai.bundle import ConfigWorkflow
 
-from drasclr_ext.distribution import (
-    SCHEMA_NAME,
-    DistributionError,
-    _check_required_version,
-    build_release,
-    check_bundle,
-    download_bundle,
-    extract_bundle_zip,
-    package_bundles,
-    release_files,
-    stage_bundle,
-    verify_bundle_zip,
-    write_deterministic_zip,
-)
-from drasclr_ext.errors import CheckpointError
+from drasclr_ext.distribution.bundle_checks import SCHEMA_NAME, check_bundle, release_files
+from drasclr_ext.distribution.bundle_zips import package_bundles, stage_bundle, write_deterministic_zip
+from drasclr_ext.distribution.downloads import download_bundle, extract_bundle_zip, verify_bundle_zip
+from drasclr_ext.distribution.release import _check_required_version, build_release
+from drasclr_ext.errors import CheckpointError, DistributionError
 from drasclr_ext.fileio import sha256sum
 from drasclr_ext.networks import DrasCLRFeatures
 from drasclr_ext.networks.segmentation import DrasCLRSegNet
@@ -205,7 +195,7 @@ def test_check_bundle_says_what_to_fix(tmp_path):
 
 
 def test_check_bundle_wants_the_data_licence_and_files_within_the_zoo_limit(tmp_path, monkeypatch):
-    from drasclr_ext import distribution
+    from drasclr_ext.distribution import bundle_checks
 
     schema = shared_path("schemas", SCHEMA_NAME)
     bundle = stage_bundle(BUNDLES / SSL, tmp_path / SSL)
@@ -213,7 +203,7 @@ def test_check_bundle_wants_the_data_licence_and_files_within_the_zoo_limit(tmp_
     with pytest.raises(DistributionError, match="docs/data_license.txt"):
         check_bundle(bundle, schema)
     shutil.copyfile(BUNDLES / SSL / "docs" / "data_license.txt", bundle / "docs" / "data_license.txt")
-    monkeypatch.setattr(distribution, "MAX_FILE_BYTES", 10 * 2**20)  # the weights (16.6 MB) are now too large
+    monkeypatch.setattr(bundle_checks, "MAX_FILE_BYTES", 10 * 2**20)  # the weights (16.6 MB) are now too large
     with pytest.raises(DistributionError, match=r"models/model.pt \(15.8 MiB\) exceed .* float16"):
         check_bundle(bundle, schema)
 

@@ -1,4 +1,4 @@
-"""A stranger's install (``release`` marker): the release folder of ``drasclr_ext.distribution.build_release``
+"""A stranger's install (``release`` marker): the release folder of ``drasclr_ext.distribution.release.build_release``
 (wheel, sdist, bundle zip, ``SHA256SUMS``) is the only source of ``drasclr-ext`` in a fresh virtual environment that
 cannot see the checkout; a bundle zip comes over HTTP from 127.0.0.1 with ``python -m monai.bundle download``, runs
 from another directory, and ``download_large_files`` fetches the atlas from a local mirror of the real addresses.
@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from drasclr_ext import __version__
-from drasclr_ext.distribution import SUMS_FILE, build_release
+from drasclr_ext.distribution.checksums import SUMS_FILE
+from drasclr_ext.distribution.release import build_release
 from drasclr_ext.fileio import sha256sum
 from tests.bundle_utils import BUNDLES, LOCAL_HOSTS, mirror_large_files, serve_folder, write_small_phantom
 from tests.conftest import REPO_ROOT, shared_path
