@@ -10,6 +10,9 @@ nearest-neighbour upsampling, with boundary voxels re-thresholded at full resolu
 
 Optionally ``method="lungmask"`` runs the ``lungmask`` package (a U-Net, when the user has installed it and its
 weights); it is never required.
+
+The steps live in :mod:`~drasclr_ext.transforms.lung_mask_grid` (canonical order, coarse grid and back) and
+:mod:`~drasclr_ext.transforms.lung_labels` (outside air, right and left lungs, filling).
 """
 
 from __future__ import annotations
@@ -29,9 +32,17 @@ from drasclr_ext.errors import DrasCLRError, InputImageError
 from drasclr_ext.geometry import axis_towards, memory_layout, voxel_spacing
 from drasclr_ext.transforms.airways import ellipsoid, find_airways
 from drasclr_ext.transforms.contrast import blood_pool_hu
+from drasclr_ext.transforms.lung_labels import LEFT_LUNG, RIGHT_LUNG, fill_lungs, label_lungs, outside_air
+from drasclr_ext.transforms.lung_mask_grid import (
+    CoarseGrid,
+    canonical_orientation,
+    coarse_grid,
+    from_canonical,
+    full_resolution_labels,
+    to_canonical,
+    upsample_labels,
+)
 
-RIGHT_LUNG = 1
-LEFT_LUNG = 2
 METHODS = ("classical", "lungmask")
 
 
@@ -52,198 +63,6 @@ class LungMaskParams:
     fill_radius_mm: float = 5.0
 
 
-# ---------------------------------------------------------------- geometry helpers
-
-
-def _block_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Mean over blocks of ``factors`` voxels (partial blocks at the far edges averaged over what exists)."""
-    if factors == (1, 1, 1):
-        return np.asarray(hu, dtype=np.float32)
-    arr = np.asarray(hu, dtype=np.float32)
-    fortran = memory_layout(arr) == "F"  # NIfTI/ITK arrays: pool the C-ordered view
-    x = torch.from_numpy(arr.T if fortran else np.ascontiguousarray(arr))[None, None]
-    kernel = tuple(reversed(factors)) if fortran else factors
-    with torch.no_grad():
-        y = torch.nn.functional.avg_pool3d(x, kernel_size=kernel, stride=kernel, ceil_mode=True)[0, 0].numpy()
-    return np.ascontiguousarray(y.T) if fortran else y
-
-
-def _upsample(
-    labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...], layout: str = "C"
-) -> np.ndarray:
-    """Nearest-neighbour upsampling of a coarse grid made by ``_block_mean`` back to ``shape``, in the memory
-    order ``layout`` ("F": that of NIfTI and ITK volumes, built as the transpose of a C-ordered upsampling)."""
-    if layout == "F":
-        return _upsample(labels.T, factors[::-1], tuple(shape)[::-1]).T  # type: ignore[arg-type]
-    out = labels
-    for axis, f in enumerate(factors):
-        if f > 1:
-            out = out.repeat(f, axis=axis)
-    return np.ascontiguousarray(out[: shape[0], : shape[1], : shape[2]])
-
-
-def _slice_structure(axial_axis: int) -> np.ndarray:
-    """Connectivity within axial slices only (no neighbours across slices)."""
-    s = ndimage.generate_binary_structure(3, 1)
-    index: list[Any] = [slice(None)] * 3
-    for k in (0, 2):
-        index[axial_axis] = k
-        s[tuple(index)] = False
-    return s
-
-
-# ---------------------------------------------------------------- pipeline steps
-
-
-def outside_air(air: np.ndarray, axial_axis: int) -> np.ndarray:
-    """Air connected, within its axial slice, to the in-plane border of the volume (outside the body)."""
-    labels, _ = ndimage.label(air, structure=_slice_structure(axial_axis))
-    border = []
-    for axis in range(3):
-        if axis == axial_axis:
-            continue
-        border.append(np.take(labels, 0, axis=axis).ravel())
-        border.append(np.take(labels, -1, axis=axis).ravel())
-    ids = np.unique(np.concatenate(border))
-    ids = ids[ids > 0]
-    return np.isin(labels, ids)
-
-
-def _components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels, n = ndimage.label(mask)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return labels, sizes
-
-
-def _split_joined(component: np.ndarray, spacing_c: np.ndarray, midline_index: float, ax_lr: int) -> np.ndarray:
-    """Split one component holding both lungs into two (1, 2 arbitrary) by erosion, else along the midline."""
-    eroded = component.copy()
-    for _ in range(8):
-        eroded = ndimage.binary_erosion(eroded)
-        labels, sizes = _components_by_size(eroded)
-        order = np.argsort(sizes)[::-1]
-        if len(order) >= 2 and sizes[order[1]] >= 0.1 * sizes[order[0]] and sizes[order[1]] > 0:
-            seeds = np.zeros(component.shape, dtype=np.uint8)
-            seeds[labels == order[0]] = 1
-            seeds[labels == order[1]] = 2
-            _, idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing_c, return_indices=True)
-            nearest = seeds[tuple(idx)]
-            return np.where(component, nearest, 0).astype(np.uint8)
-        if not eroded.any():
-            break
-    positions = np.arange(component.shape[ax_lr]).reshape([-1 if a == ax_lr else 1 for a in range(3)])
-    side = np.where(positions < midline_index, 1, 2).astype(np.uint8)
-    return np.where(component, side, 0).astype(np.uint8)
-
-
-def _world_lr(mask: np.ndarray, affine_c: np.ndarray) -> float:
-    """World x of the centroid of ``mask``; in RAS, +x points to the patient's right."""
-    centroid = np.array([*ndimage.center_of_mass(mask), 1.0])
-    return float((affine_c @ centroid)[0])
-
-
-def _thickness_mm(component: np.ndarray, axis: int, spacing: np.ndarray) -> float:
-    """90th percentile, over the lines along ``axis`` that cross ``component``, of its thickness (mm) on them."""
-    box = ndimage.find_objects(component.astype(np.uint8))[0]
-    counts = np.count_nonzero(component[box], axis=axis)
-    return float(np.percentile(counts[counts > 0], 90)) * float(spacing[axis])
-
-
-def label_lungs(
-    lungs: np.ndarray,
-    hu_c: np.ndarray,
-    affine_c: np.ndarray,
-    spacing_c: np.ndarray,
-    midline_x: float | None,
-    voxel_ml: float,
-    params: LungMaskParams,
-) -> np.ndarray:
-    """Right (1) and left (2) lungs among the lung-like components of ``lungs`` (coarse grid): large enough, not
-    gas (median HU) and thick from front to back (a table's foam core is air enclosed in its slices, but flat)."""
-    labels, sizes = _components_by_size(lungs)
-    ax_ap, _ = axis_towards(affine_c, 1)
-    keep = []
-    for j in np.argsort(sizes)[::-1]:
-        if sizes[j] * voxel_ml < params.min_component_ml:
-            break
-        component = labels == j
-        if (
-            np.median(hu_c[component]) >= params.lung_like_median_hu
-            and _thickness_mm(component, ax_ap, spacing_c) >= params.min_lung_thickness_mm
-        ):
-            keep.append(j)
-    out = np.zeros(lungs.shape, dtype=np.uint8)
-    if not keep:
-        return out
-    ax_lr, _ = axis_towards(affine_c, 0)
-    main = labels == keep[0]
-    if midline_x is None:
-        midline_x = _world_lr(main, affine_c)
-    # array index of the midline along the left-right axis, at the main component's centroid
-    centre_world = affine_c[:3, :3] @ np.array([*ndimage.center_of_mass(main)]) + affine_c[:3, 3]
-    centre_world[0] = midline_x
-    midline_index = float(np.linalg.solve(affine_c[:3, :3], centre_world - affine_c[:3, 3])[ax_lr])
-    parts: list[np.ndarray] = []
-    second_big = len(keep) > 1 and sizes[keep[1]] >= 0.15 * sizes[keep[0]]
-    if second_big:
-        parts = [main, labels == keep[1]]
-    else:
-        positions = np.nonzero(main)[ax_lr]
-        frac_low = float(np.mean(positions < midline_index))
-        if min(frac_low, 1.0 - frac_low) > 0.2:  # one component spanning both sides: the lungs touch
-            split = _split_joined(main, spacing_c, midline_index, ax_lr)
-            parts = [split == 1, split == 2]
-        else:
-            parts = [main]
-    for part in parts:
-        x = _world_lr(part, affine_c)
-        # RAS: world x grows towards the patient's Right (DICOM LPS: towards the Left)
-        out[part] = RIGHT_LUNG if x > midline_x else LEFT_LUNG
-    if len(parts) == 2 and len(np.unique(out[out > 0])) == 1:  # both on one side of a poor midline: by order
-        xs = [_world_lr(p, affine_c) for p in parts]
-        right = int(np.argmax(xs))
-        out[parts[right]] = RIGHT_LUNG
-        out[parts[1 - right]] = LEFT_LUNG
-    return out
-
-
-def fill_lungs(labels: np.ndarray, spacing_c: np.ndarray, axial_axis: int, radius_mm: float) -> np.ndarray:
-    """Close and hole-fill each lung (vessels, nodules), without letting one lung take the other's voxels.
-
-    Closing by ``radius_mm`` (iterated 6-connected steps), then per-slice hole filling (which also fills every
-    cavity enclosed in 3D), each lung inside its own bounding box.
-    """
-    out = labels.copy()
-    iterations = max(1, int(round(radius_mm / float(np.min(spacing_c)))))
-    cross = ndimage.generate_binary_structure(3, 1)
-    s2d = _slice_structure(axial_axis)
-    for lab in (RIGHT_LUNG, LEFT_LUNG):
-        m = labels == lab
-        if not m.any():
-            continue
-        box = ndimage.find_objects(m.astype(np.uint8))[0]
-        padded = np.pad(m[box], iterations + 1)
-        closed = ndimage.binary_closing(padded, structure=cross, iterations=iterations)
-        closed = closed[(slice(iterations + 1, -(iterations + 1)),) * 3]
-        closed = ndimage.binary_fill_holes(closed, structure=s2d)
-        region = out[box]
-        region[closed & (labels[box] == 0)] = lab
-    return out
-
-
-CANONICAL_AXES = ("L", "P", "S")  # array axis order the pipeline works in: an axial DICOM series as read
-
-
-def canonical_orientation(affine: np.ndarray) -> np.ndarray:
-    """The nibabel orientation transform (flips and axis permutation, no resampling) from a scan's array order to
-    ``CANONICAL_AXES``, from its affine."""
-    import nibabel as nib
-
-    current = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
-    return nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(CANONICAL_AXES))
-
-
 def compute_lung_mask(
     hu: np.ndarray,
     affine: np.ndarray,
@@ -254,8 +73,8 @@ def compute_lung_mask(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Label the lungs of a CT in HU: uint8 (X, Y, Z), 0 background, 1 right lung, 2 left lung.
 
-    The work is done in one canonical axis order (:func:`canonical_orientation`): flipped or permuted arrays of the
-    same scan, with their affines, get the same labels at the same world positions.
+    The work is done in one canonical axis order (:func:`~drasclr_ext.transforms.lung_mask_grid.canonical_orientation`):
+    flipped or permuted arrays of the same scan, with their affines, get the same labels at the same world positions.
 
     Args:
         hu: CT volume (X, Y, Z) in Hounsfield units.
@@ -270,25 +89,17 @@ def compute_lung_mask(
     Raises:
         InputImageError: when nothing lung-like of at least ``params.min_lung_ml`` is found.
     """
-    import nibabel as nib
-
     hu = np.asarray(hu)
     affine = np.asarray(affine, dtype=np.float64)
     if hu.ndim != 3:
         raise InputImageError(f"the lung mask needs a 3D volume (X, Y, Z), got shape {tuple(hu.shape)}")
+    params = params or LungMaskParams()
     ornt = canonical_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):  # already in canonical order: no copy
-        return _canonical_lung_mask(hu, affine, params or LungMaskParams(), return_airways, name, info)
-    layout = memory_layout(hu)
-    work = nib.orientations.apply_orientation(hu, ornt)
-    if not (work.flags.c_contiguous or work.flags.f_contiguous):
-        work = np.asfortranarray(work) if layout == "F" else np.ascontiguousarray(work)
-    work_affine = affine @ nib.orientations.inv_ornt_aff(ornt, hu.shape)
-    out = _canonical_lung_mask(work, work_affine, params or LungMaskParams(), return_airways, name, info)
-    canonical = nib.orientations.axcodes2ornt(CANONICAL_AXES)
-    back = nib.orientations.ornt_transform(canonical, nib.orientations.io_orientation(affine))
-    order = np.asfortranarray if layout == "F" else np.ascontiguousarray
-    restored = tuple(order(nib.orientations.apply_orientation(o, back)) for o in (out if return_airways else (out,)))
+        return _canonical_lung_mask(hu, affine, params, return_airways, name, info)
+    work, work_affine = to_canonical(hu, affine, ornt)
+    out = _canonical_lung_mask(work, work_affine, params, return_airways, name, info)
+    restored = from_canonical(out if return_airways else (out,), affine, memory_layout(hu))
     return restored if return_airways else restored[0]
 
 
@@ -301,62 +112,54 @@ def _canonical_lung_mask(
     info: dict[str, Any] | None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``compute_lung_mask`` of a scan in any axis order (canonical in practice, for orientation independence)."""
-    spacing = voxel_spacing(affine)
-    factors = tuple(max(1, int(round(params.target_spacing / s))) for s in spacing)
-    hu_c = _block_mean(hu, factors)  # type: ignore[arg-type]
-    scale = np.diag([*factors, 1.0]).astype(np.float64)
-    scale[:3, 3] = (np.asarray(factors) - 1) / 2.0
-    affine_c = affine @ scale
-    spacing_c = spacing * np.asarray(factors)
-    voxel_ml = float(np.prod(spacing_c)) / 1000.0
+    grid = coarse_grid(hu, affine, params.target_spacing)
     ax_si, _ = axis_towards(affine, 2)
-
-    air = hu_c < params.threshold
+    air = grid.hu < params.threshold
     outside = outside_air(air, ax_si)
     candidates = air & ~outside
-
-    airway, seed = find_airways(hu_c, candidates, outside, affine_c, voxel_ml, params)
-    midline_x = None
-    if seed is not None:
-        midline_x = float((affine_c @ np.array([*ndimage.center_of_mass(seed), 1.0]))[0])
-        airway = ndimage.binary_dilation(airway, structure=ellipsoid(3.0 / spacing_c))
-    if info is not None:
-        info["airway_found"] = seed is not None
-        info["airway_removed_ml"] = round(float(np.count_nonzero(airway)) * voxel_ml, 1)
+    airway, midline_x = _airways(grid, candidates, outside, params, info)
     lungs = candidates & ~airway
     lungs = ndimage.binary_opening(lungs, structure=ndimage.generate_binary_structure(3, 1))
-
-    labels_c = label_lungs(lungs, hu_c, affine_c, spacing_c, midline_x, voxel_ml, params)
-    labels_c = fill_lungs(labels_c, spacing_c, ax_si, params.fill_radius_mm)
+    labels_c = label_lungs(lungs, grid.hu, grid.affine, grid.spacing, midline_x, grid.voxel_ml, params)
+    labels_c = fill_lungs(labels_c, grid.spacing, ax_si, params.fill_radius_mm)
     labels_c[airway] = 0
+    _check_lung_volume(float(np.count_nonzero(labels_c)) * grid.voxel_ml, params, name)
+    if info is not None:
+        info["blood_pool_hu"] = blood_pool_hu(grid.hu, labels_c, grid.affine)  # block means: less noise than voxels
+    full = full_resolution_labels(labels_c, airway | outside, grid.factors, hu, params.threshold)
+    if return_airways:
+        return full, upsample_labels(airway, grid.factors, hu.shape, memory_layout(hu))  # type: ignore[arg-type]
+    return full
 
-    total_ml = float(np.count_nonzero(labels_c)) * voxel_ml
+
+def _airways(
+    grid: CoarseGrid,
+    candidates: np.ndarray,
+    outside: np.ndarray,
+    params: LungMaskParams,
+    info: dict[str, Any] | None,
+) -> tuple[np.ndarray, float | None]:
+    """The trachea and main bronchi to remove (dilated by their walls) and the world x of the trachea (the
+    midline), None when no airway was found; ``info`` receives ``airway_found`` and ``airway_removed_ml``."""
+    airway, seed = find_airways(grid.hu, candidates, outside, grid.affine, grid.voxel_ml, params)
+    midline_x = None
+    if seed is not None:
+        midline_x = float((grid.affine @ np.array([*ndimage.center_of_mass(seed), 1.0]))[0])
+        airway = ndimage.binary_dilation(airway, structure=ellipsoid(3.0 / grid.spacing))
+    if info is not None:
+        info["airway_found"] = seed is not None
+        info["airway_removed_ml"] = round(float(np.count_nonzero(airway)) * grid.voxel_ml, 1)
+    return airway, midline_x
+
+
+def _check_lung_volume(total_ml: float, params: LungMaskParams, name: str) -> None:
+    """Raise :class:`InputImageError` when less than ``params.min_lung_ml`` of lung was found."""
     if total_ml < params.min_lung_ml:
         raise InputImageError(
             f"{name + ': ' if name else ''}no lungs were found: {total_ml:.0f} ml of lung-like tissue (at least "
             f"{params.min_lung_ml:.0f} ml expected). Check that the scan covers the chest (it may be an abdominal, "
             "head or limb CT) and that its values are in HU."
         )
-    if info is not None:
-        info["blood_pool_hu"] = blood_pool_hu(hu_c, labels_c, affine_c)  # block means: less noise than voxels
-
-    # full-resolution labels: interior from the coarse grid, boundary band re-thresholded on the input grid
-    cross = ndimage.generate_binary_structure(3, 1)
-    near_right = ndimage.binary_dilation(labels_c == RIGHT_LUNG, structure=cross)
-    near_left = ndimage.binary_dilation(labels_c == LEFT_LUNG, structure=cross)
-    inner = ndimage.binary_erosion(labels_c > 0, structure=cross, border_value=1)
-    band = (near_right | near_left) & ~inner & ~airway & ~outside
-    nearest = np.where(labels_c > 0, labels_c, np.where(near_right, RIGHT_LUNG, LEFT_LUNG)).astype(np.uint8)
-    code = np.where(band, nearest + 3, labels_c).astype(np.uint8)  # 4, 5: band voxels near the right, left lung
-    layout = memory_layout(hu)  # the input's memory order
-    full = _upsample(code, factors, hu.shape, layout)  # type: ignore[arg-type]
-    # flat views in memory order: boolean indexing of Fortran-ordered arrays is ten times slower
-    flat = full.ravel(layout)
-    band = np.flatnonzero(flat > 3)
-    flat[band] = np.where(hu.ravel(layout)[band] < params.threshold, flat[band] - 3, 0)
-    if return_airways:
-        return full, _upsample(airway, factors, hu.shape, layout)  # type: ignore[arg-type]
-    return full
 
 
 AIRWAY_META_KEY = "airways"  # the lung mask MetaTensor's meta: {"airway_found", "airway_removed_ml"} (classical)
