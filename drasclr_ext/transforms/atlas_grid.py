@@ -31,7 +31,7 @@ from drasclr_ext.geometry import (
     unit_axes,
 )
 from drasclr_ext.transforms.patches import HU_MIN, hu_window
-from drasclr_ext.transforms.registration import RegistrationResult
+from drasclr_ext.transforms.registration_result import RegistrationResult
 
 __all__ = ["AtlasGrid", "AtlasLocationd", "atlas_grid", "location_channels", "location_scale"]
 

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from drasclr_ext.atlas import Atlas, load_atlas
 from drasclr_ext.geometry import apply_affine, array_and_affine, unit_axes
-from drasclr_ext.transforms.registration import RegistrationResult
+from drasclr_ext.transforms.registration_result import RegistrationResult
 
 __all__ = [
     "HU_MAX",
