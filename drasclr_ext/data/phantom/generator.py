@@ -55,46 +55,74 @@ def generate_phantom(
         3 paraseptal, 4 panlobular), ``lung_mask`` (uint8: 1 right, 2 left; airway lumen excluded), ``affine`` (4x4 RAS)
         and ``info`` (subject parameters and the clinical measures of the final image, see ``emphysema_report``).
     """
-    from drasclr_ext.metrics.emphysema import emphysema_report
-
     subject = draw_subject(seed, shape, spacing, severity, subtypes, kernel, resolution_scale)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC7]))
     grid = _subject_grid(subject)
     xl, yl, zl = _lung_frame(grid, subject)
     lungs = _lungs(grid, xl, yl, zl, lung_template)
     lung = lungs > 0
-    lung_ml = float(lung.sum()) * float(np.prod(grid.spacing)) / 1000.0
     hu, thorax = body_anatomy(xl, yl, zl, lungs, subject)
+    texture = smooth_field(rng, grid.shape, grid.spacing, 6.0)  # the normal parenchyma's faint texture
+    lesions = _draw_lesions(rng, grid, lungs, subject)
+    vessels, aw_outer, aw_lumen = paint_vessels_and_airways(rng, grid, lungs, lesions[0], subject.scale)
+    # the clean image: lung parenchyma with its lesions, then vessels and airways
+    hu = np.where(lung, _parenchyma(subject, grid, yl, texture, lung, lesions), hu)
+    del texture
+    hu = _vessels_and_airways(hu, vessels * thorax, aw_outer, aw_lumen)
+    del vessels, aw_outer
+    image, sigma = scan(hu, grid.spacing, subject.kernel, subject.noise_hu, rng)
+    del hu
+    ple, cle, _, pse_lumen = lesions
+    label, lung_mask = ground_truth(lungs, aw_lumen, ple, cle, pse_lumen, sigma)
+    return _phantom(seed, subject, image, label, lung_mask, grid.affine())
+
+
+def _draw_lesions(
+    rng: np.random.Generator, grid: Grid, lungs: np.ndarray, subject: PhantomSubject
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The subject's emphysema (:func:`draw_emphysema`): PLE region, CLE, PSE outer and PSE lumen fractions."""
+    lung = lungs > 0
+    lung_ml = float(lung.sum()) * float(np.prod(grid.spacing)) / 1000.0
     rel_h = relative_height(lungs, grid)
     depth, step = depth_mm(lungs, grid.spacing)
+    return draw_emphysema(rng, grid, lung, rel_h, depth, step, subject.targets, lung_ml)
 
-    # normal parenchyma: denser posteriorly (gravity) and at shallow inspiration, with a faint texture
-    texture = smooth_field(rng, grid.shape, grid.spacing, 6.0)
+
+def _parenchyma(
+    subject: PhantomSubject,
+    grid: Grid,
+    yl: np.ndarray,
+    texture: np.ndarray,
+    lung: np.ndarray,
+    lesions: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Lung HU: normal parenchyma, denser posteriorly (gravity) and at shallow inspiration, with its texture, and the
+    lesions painted in (PLE darker with a blurred edge, CLE lucencies, PSE walls and lumens)."""
+    ple, cle, pse_outer, pse_lumen = lesions
     # severe emphysema comes with hyperinflation: the remaining lung is less dense too
     base = -880.0 + 45.0 * (1.0 - subject.inspiration) - 35.0 * min(subject.emphysema_fraction / 0.3, 1.0)
     parenchyma = base + 28.0 * np.clip(yl / 95.0, -1.0, 1.0) + 9.0 * texture
-    ple, cle, pse_outer, pse_lumen = draw_emphysema(rng, grid, lung, rel_h, depth, step, subject.targets, lung_ml)
-    vessels, aw_outer, aw_lumen = paint_vessels_and_airways(rng, grid, lungs, ple, subject.scale)
-
-    # the clean image: lung parenchyma with its lesions, then vessels and airways
     if ple.any():
         w = ndi.gaussian_filter(ple.astype(np.float32), 2.0 / grid.spacing) * lung
         parenchyma = parenchyma * (1 - w) + (-972.0 + 6.0 * texture) * w
     parenchyma = parenchyma * (1 - cle) + np.float32(-992.0) * cle
     parenchyma = parenchyma * (1 - pse_outer) + np.float32(-250.0) * pse_outer
-    parenchyma = parenchyma * (1 - pse_lumen) + np.float32(-990.0) * pse_lumen
-    hu = np.where(lung, parenchyma, hu)
-    del parenchyma, texture
-    v = vessels * thorax
+    return parenchyma * (1 - pse_lumen) + np.float32(-990.0) * pse_lumen
+
+
+def _vessels_and_airways(hu: np.ndarray, v: np.ndarray, aw_outer: np.ndarray, aw_lumen: np.ndarray) -> np.ndarray:
+    """``hu`` with the vessels (share ``v``), airway walls and airway lumens painted in."""
     hu = hu * (1 - v) + np.float32(40.0) * v
     hu = hu * (1 - aw_outer) + np.float32(30.0) * aw_outer
-    hu = hu * (1 - aw_lumen) + np.float32(HU_AIR) * aw_lumen
-    del v, vessels, aw_outer
+    return hu * (1 - aw_lumen) + np.float32(HU_AIR) * aw_lumen
 
-    image, sigma = scan(hu, grid.spacing, subject.kernel, subject.noise_hu, rng)
-    del hu
-    label, lung_mask = ground_truth(lungs, aw_lumen, ple, cle, pse_lumen, sigma)
-    affine = grid.affine()
+
+def _phantom(
+    seed: int, subject: PhantomSubject, image: np.ndarray, label: np.ndarray, lung_mask: np.ndarray, affine: np.ndarray
+) -> dict[str, Any]:
+    """The phantom's arrays with ``info``: the subject's parameters and the clinical measures of the final image."""
+    from drasclr_ext.metrics.emphysema import emphysema_report
+
     info = {"case": f"phantom_{int(seed):05d}", "subject": json_safe(asdict(subject))}
     info.update(emphysema_report(image, lung_mask, affine, label))
     return {"image": image, "label": label, "lung_mask": lung_mask, "affine": affine, "info": info}
