@@ -15,6 +15,8 @@ Outputs in ``--out``: ``model_best_<i>.pt`` (the state dict of the best validati
 device's file limit; ``--merge`` joins them), ``train_log.json`` (settings, seeds, per-validation scores, speed).
 
 GPU run:       python scripts/train_dense_device.py --out $OUT --minutes 9
+Thick slices:  python scripts/train_dense_device.py --out $OUT --minutes 9 --init bundle --lr 5e-4 \
+                   --thick-every 3 --thick-mm 5   # fine-tune the shipped model with every third phantom at 5 mm
 CPU rehearsal: python scripts/train_dense_device.py --out /tmp/dev --minutes 2 --resolution-scale 2.5 \
                    --gen-workers 1 --load-workers 1 --batch-size 2 --min-ready 2 --val-per-mix 1
 Join shards:   python scripts/train_dense_device.py --merge /path/to/out --to bundles/.../models/model.pt
@@ -82,9 +84,18 @@ def validation_seeds(start: int, per_mix: int) -> list[int]:
     return sorted(s for v in found.values() for s in v)
 
 
-def build_grid(seed: int, folder: str, resolution_scale: float, window: int, deadline: float) -> Optional[str]:
-    """Generate phantom ``seed``, compute its lung mask and (moments) registration, and save its 1 mm atlas grid
-    under ``folder/phantom_<seed>`` (:func:`~drasclr_ext.data.labelled.save_grid`). Skipped after ``deadline``."""
+def thick_slices(seed: int, every: int, mm: float) -> Optional[float]:
+    """The slice spacing forced on phantom ``seed``: ``mm`` for every ``every``-th seed (0: never), else None (the
+    subject's drawn spacing, 0.625-2.5 mm slices)."""
+    return float(mm) if every > 0 and seed % every == 0 else None
+
+
+def build_grid(
+    seed: int, folder: str, resolution_scale: float, window: int, deadline: float, slice_mm: Optional[float] = None
+) -> Optional[str]:
+    """Generate phantom ``seed`` (with ``slice_mm`` slices when given, its drawn in-plane spacing kept), compute its
+    lung mask and (moments) registration, and save its 1 mm atlas grid under ``folder/phantom_<seed>``
+    (:func:`~drasclr_ext.data.labelled.save_grid`). Skipped after ``deadline``."""
     out = Path(folder) / f"phantom_{seed:05d}"
     if (out / "done.json").is_file():
         return out.name
@@ -94,13 +105,17 @@ def build_grid(seed: int, folder: str, resolution_scale: float, window: int, dea
     from monai.data import MetaTensor
 
     from drasclr_ext.data.labelled import labelled_grid, save_grid
-    from drasclr_ext.data.phantom import generate_phantom
+    from drasclr_ext.data.phantom import draw_subject, generate_phantom
     from drasclr_ext.transforms.harmonise import HarmoniseNoised
     from drasclr_ext.transforms.lung_mask import LungMask
     from drasclr_ext.transforms.registration import AtlasRegistration
 
     start = time.time()
-    phantom = generate_phantom(seed, resolution_scale=resolution_scale)
+    spacing = None
+    if slice_mm is not None:
+        drawn = draw_subject(seed, resolution_scale=resolution_scale).spacing
+        spacing = (drawn[0], drawn[1], slice_mm)
+    phantom = generate_phantom(seed, resolution_scale=resolution_scale, spacing=spacing)
     affine = torch.as_tensor(phantom["affine"], dtype=torch.float64)
     image = MetaTensor(torch.from_numpy(phantom["image"])[None], affine=affine)
     label = MetaTensor(torch.from_numpy(phantom["label"])[None], affine=affine)
@@ -276,14 +291,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     # the first training grids, then the validation grids, then the rest: training starts as soon as it can
     order = train_seeds[: args.gen_workers] + val + train_seeds[args.gen_workers :]
     futures = {
-        s: pool.submit(build_grid, s, str(grids), args.resolution_scale, args.window, gen_deadline) for s in order
+        s: pool.submit(
+            build_grid,
+            s,
+            str(grids),
+            args.resolution_scale,
+            args.window,
+            gen_deadline,
+            thick_slices(s, args.thick_every, args.thick_mm),
+        )
+        for s in order
     }
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = bundle_parts(args.window, args.crops)
     parser = parts["parser"]
     network = initialise(
-        parts["network"], "pretrained", BUNDLE / "models" / "pretrained_encoder.pt", "", str(BUNDLE)
+        parts["network"],
+        args.init,
+        BUNDLE / "models" / "pretrained_encoder.pt",
+        BUNDLE / "models" / "model.pt",
+        str(BUNDLE),
     ).to(device)
     loss_fn = parts["loss"]
     optimizer = torch.optim.AdamW(
@@ -461,6 +489,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--val-every-s", type=float, default=75.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init",
+        default="pretrained",
+        choices=("pretrained", "bundle", "scratch"),
+        help="start from the pretrained encoder, the bundle's model.pt (fine-tune), or random weights",
+    )
+    ap.add_argument(
+        "--thick-every",
+        type=int,
+        default=0,
+        help="every N-th seed (training and validation) is generated with --thick-mm slices (0: none)",
+    )
+    ap.add_argument("--thick-mm", type=float, default=5.0, help="slice spacing of the thick-slice phantoms")
     ap.add_argument("--merge", default=None, help="join the shards in this folder into --to and exit")
     ap.add_argument("--to", default=str(BUNDLE / "models" / "model.pt"))
     args = ap.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from itertools import islice
 from pathlib import Path
@@ -73,3 +74,13 @@ def test_grid_built_without_itk_feeds_the_bundle_crops(script, tmp_path, monkeyp
     crops = list(islice(iter(script.GridStream(tmp_path, {name}, parts["transform"], rescan_s=0.0)), 4))
     assert all(c["image"].shape == (4, 64, 64, 64) and c["label"].shape == (1, 64, 64, 64) for c in crops)
     assert all(set(np.unique(c["label"].numpy())) <= set(range(5)) for c in crops)
+
+
+def test_every_nth_seed_gets_thick_slices_and_keeps_its_in_plane_spacing(script, tmp_path, monkeypatch):
+    assert [script.thick_slices(s, 4, 5.0) for s in (8, 9, 12)] == [5.0, None, 5.0]
+    assert script.thick_slices(8, 0, 5.0) is None
+    monkeypatch.setitem(sys.modules, "itk", None)
+    name = script.build_grid(8, str(tmp_path), 3.0, 64, deadline=float("inf"), slice_mm=5.0)
+    spacing = json.loads((tmp_path / name / "done.json").read_text())["spacing"]
+    drawn = draw_subject(8, resolution_scale=3.0).spacing
+    assert spacing == pytest.approx([drawn[0], drawn[1], 5.0])
