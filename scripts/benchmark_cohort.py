@@ -35,6 +35,7 @@ RUNS = {
     "loaded_1": ("loaded", 1, {}),
     "loaded_2": ("loaded", 2, {}),
     "loaded_1_threads1": ("loaded", 1, {"DRASCLR_THREADS": "1"}),
+    "loaded_1_threads2": ("loaded", 1, {"DRASCLR_THREADS": "2"}),  # the rule before it looked at the load
 }
 BUSY_LOOP = "while True: pass"
 
