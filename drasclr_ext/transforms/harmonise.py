@@ -81,6 +81,20 @@ class _NoiseProbe:
         self.images = [np.asarray(hu[:, :, k], np.float32) for k in index]
         self.masks = [_parenchyma(image, lung[:, :, k], spacing) for image, k in zip(self.images, index)]
 
+    def crop(self, margin: int) -> _NoiseProbe:
+        """Cut each sampled slice to its parenchyma's bounding box plus ``margin`` pixels (in place): the same
+        estimates, bit for bit, for Gaussians that reach at most ``margin - 2`` pixels, and several times faster."""
+        for i, (image, mask) in enumerate(zip(self.images, self.masks)):
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            if rows.size == 0:
+                continue
+            box = (
+                slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+                slice(max(cols[0] - margin, 0), cols[-1] + margin + 1),
+            )
+            self.images[i], self.masks[i] = image[box], mask[box]
+        return self
+
     def noise(self, sigma_px: float = 0.0) -> float:
         residuals = []
         for image, mask in zip(self.images, self.masks):
@@ -88,6 +102,18 @@ class _NoiseProbe:
                 image = ndimage.gaussian_filter(image, sigma_px)
             residuals.append((image - ndimage.uniform_filter(image, 3))[mask])
         return _robust_std(np.concatenate(residuals)) if residuals else float("nan")
+
+
+def _sigma_for_noise(probe: _NoiseProbe, target_noise_hu: float, max_sigma_px: float) -> float:
+    """The in-plane Gaussian sigma (pixels, to 0.02) that brings the probe's noise down to ``target_noise_hu``, by
+    bisection; ``max_sigma_px`` when even that leaves it above."""
+    lo, hi = 0.0, max_sigma_px
+    if probe.noise(hi) > target_noise_hu:
+        lo = hi  # cannot reach the target within the limit: use the most smoothing allowed
+    while hi - lo > 0.02:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if probe.noise(mid) > target_noise_hu else (lo, mid)
+    return hi
 
 
 def lung_noise_hu(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices: int = 12) -> float:
@@ -109,12 +135,8 @@ def harmonise_noise(
     info: dict[str, Any] = {"target_noise_hu": float(target_noise_hu), "noise_hu": noise, "sigma_mm": 0.0}
     if not noise > target_noise_hu:  # quiet enough, or unknown (nan): unchanged
         return raw, {**info, "noise_hu_after": noise, "applied": False}
-    lo, hi = 0.0, max_sigma_mm / probe.pixel_mm
-    if probe.noise(hi) > target_noise_hu:
-        lo = hi  # cannot reach the target within max_sigma_mm: use the most smoothing allowed
-    while hi - lo > 0.02:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if probe.noise(mid) > target_noise_hu else (lo, mid)
+    probe.crop(int(4 * max_sigma_mm / probe.pixel_mm + 0.5) + 2)  # a Gaussian's reach: 4 sigma (scipy's truncate)
+    hi = _sigma_for_noise(probe, target_noise_hu, max_sigma_mm / probe.pixel_mm)
     smoothed = np.array(hu, dtype=np.float32)
     box = _lung_box(lung, margin=int(np.ceil(4 * hi)) + 8)  # the model sees the lungs: smooth only around them
     smoothed[box] = ndimage.gaussian_filter(smoothed[box], (hi, hi, 0.0))
