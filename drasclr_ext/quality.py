@@ -95,6 +95,32 @@ def high_noise(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) 
     )
 
 
+def sharp_kernel(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict[str, str]]:
+    """Flag a sharp reconstruction kernel: measured on the image's pleural edges (``harmonisation.densitometry``),
+    or named so in the DICOM ConvolutionKernel when the image could not tell."""
+    harmonisation = report.get("harmonisation") or {}
+    densitometry = harmonisation.get("densitometry") or {}
+    tag = harmonisation.get("dicom_kernel") or {}
+    if densitometry.get("kernel_class") != "sharp" and not (
+        densitometry.get("kernel_class") == "unknown" and tag.get("class") == "sharp"
+    ):
+        return None
+    evidence = []
+    if densitometry.get("kernel_class_source") == "image" and densitometry.get("sharpness_index") is not None:
+        evidence.append(f"edge sharpness index {float(densitometry['sharpness_index']):.2f}")
+    if tag.get("name"):
+        evidence.append(f"DICOM kernel {tag['name']!r}")
+    laa, p15 = harmonisation.get("laa950_percent"), harmonisation.get("perc15_hu")
+    harmonised = f" ({float(laa):.1f} % and {float(p15):.0f} HU here)" if laa is not None and p15 is not None else ""
+    return quality_flag(
+        "sharp_kernel",
+        "warning",
+        f"sharp reconstruction kernel ({'; '.join(evidence) or 'from the image'}): raw LAA-950 reads higher and "
+        "Perc15 lower than on a soft kernel; compare scans by harmonisation.laa950_percent and perc15_hu, the "
+        f"soft-kernel equivalents{harmonised}",
+    )
+
+
 def low_registration_dice(report: Mapping[str, Any], lung: np.ndarray, affine: np.ndarray) -> Optional[dict]:
     """Flag an atlas registration whose lung Dice is below :data:`REGISTRATION_DICE_MIN`."""
     dice = report.get("registration_dice")
@@ -151,6 +177,7 @@ def airway_not_found(report: Mapping[str, Any], lung: np.ndarray, affine: np.nda
 
 SUBJECT_CHECKS: list[Callable[[Mapping[str, Any], np.ndarray, np.ndarray], Optional[dict[str, str]]]] = [
     high_noise,
+    sharp_kernel,
     low_registration_dice,
     lungs_cut_off,
     implausible_lung_volume,

@@ -148,10 +148,16 @@ def test_real_ct_maps_align_and_laa950_matches_the_input(lung_ct_dir, tmp_path):
     report = json.loads((subject / "report.json").read_text())
     assert report["laa950_percent"] == pytest.approx(laa950_percent(scan.numpy(), lung), abs=0.5)
     assert report["acquisition"]["slice_thickness_mm"] == pytest.approx(5.0, abs=0.01)
-    assert [flag["flag"] for flag in report["quality"]] == ["thick_slices", "high_noise"]  # 5 mm, 57 HU noise
+    # 5 mm, 57 HU noise, Philips lung kernel "L"
+    assert [flag["flag"] for flag in report["quality"]] == ["thick_slices", "high_noise", "sharp_kernel"]
     harmonised = report["harmonisation"]  # the model saw the scan smoothed to 30 HU; the densitometry above is raw
     assert harmonised["applied"] and harmonised["noise_hu"] > 50
     assert harmonised["noise_hu_after"] == pytest.approx(30.0, abs=1.5)
-    assert harmonised["laa950_percent"] < report["laa950_percent"]
+    assert harmonised["model_input"]["laa950_percent"] < report["laa950_percent"]
+    # kernel-harmonised densitometry: a sharp kernel measured on the pleura, converted to the soft reference
+    assert harmonised["dicom_kernel"] == {"name": "L", "class": "sharp"}
+    assert harmonised["densitometry"]["kernel_class"] == "sharp" and harmonised["densitometry"]["applied"]
+    assert harmonised["laa950_percent"] < harmonised["model_input"]["laa950_percent"] < report["laa950_percent"]
+    assert harmonised["perc15_hu"] > report["perc15_hu"]
     assert report["airways"]["airway_found"] and 10.0 < report["airways"]["airway_removed_ml"] < 250.0
     assert (subject / "overview.png").stat().st_size > 10_000

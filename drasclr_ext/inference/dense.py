@@ -295,13 +295,36 @@ def render_overview(
     return path
 
 
-def _harmonisation_section(info: Mapping[str, Any], hu: np.ndarray, lung: np.ndarray, raw: Mapping) -> dict:
-    """The report's ``harmonisation``: what was done, and LAA-950 / Perc15 of the image the model saw."""
+def _harmonisation_section(
+    info: Mapping[str, Any],
+    hu: np.ndarray,
+    hu_raw: np.ndarray,
+    lung: np.ndarray,
+    affine: np.ndarray,
+    raw: Mapping,
+    dicom_kernel: Optional[str] = None,
+) -> dict:
+    """The report's ``harmonisation``: the lung noise estimate and what was done to the model's input (``applied``,
+    ``target_noise_hu``, ``sigma_mm``, ``noise_hu_after``; ``model_input``: LAA-950 / Perc15 of the image the model
+    saw), which image the subtype map used, the DICOM kernel, and the kernel-harmonised densitometry:
+    ``laa950_percent`` and ``perc15_hu`` as a soft reference kernel would give them, how under ``densitometry``
+    (:func:`~drasclr_ext.transforms.kernel_harmonise.harmonised_densitometry`)."""
+    from drasclr_ext.transforms.kernel_harmonise import dicom_kernel_class, harmonised_densitometry
+
     applied = bool(info.get("applied"))
     section = dict(info)
-    section["laa950_percent"] = laa950_percent(hu, lung) if applied else raw["laa950_percent"]
-    section["perc15_hu"] = perc15(hu, lung) if applied else raw["perc15_hu"]
     section["used_for_subtype_map"] = "harmonised" if applied else "raw"
+    section["model_input"] = {
+        "laa950_percent": laa950_percent(hu, lung) if applied else raw["laa950_percent"],
+        "perc15_hu": perc15(hu, lung) if applied else raw["perc15_hu"],
+    }
+    densitometry = harmonised_densitometry(hu_raw, lung, affine, raw, dicom_kernel)
+    section["laa950_percent"] = densitometry.pop("laa950_percent")
+    section["perc15_hu"] = densitometry.pop("perc15_hu")
+    section.setdefault("noise_hu", densitometry["noise_hu"])
+    densitometry.pop("noise_hu")
+    section["densitometry"] = densitometry
+    section["dicom_kernel"] = {"name": dicom_kernel or None, "class": dicom_kernel_class(dicom_kernel)}
     return section
 
 
@@ -338,7 +361,10 @@ class DenseSubtypeWriter:
         hu_raw = array_and_affine(raw, affine)[0] if raw is not None else hu
         report.update(emphysema_report(hu_raw, lung, affine, label))
         if data.get("harmonisation") is not None:
-            report["harmonisation"] = _harmonisation_section(data["harmonisation"], hu, lung, report)
+            kernel = (getattr(image, "meta", {}).get("acquisition") or {}).get("convolution_kernel")
+            report["harmonisation"] = _harmonisation_section(
+                data["harmonisation"], hu, hu_raw, lung, affine, report, kernel
+            )
         report["acquisition"] = _acquisition(image, affine, hu.shape)
         report["quality"] = scan_quality(image, affine)
         report["registration_dice"] = getattr(registration, "dice", None)
@@ -359,8 +385,10 @@ class DenseSubtypeWriter:
             "airways": "whether the lung mask found the trachea, and the volume of trachea and main bronchi (with "
             "their walls) it removed from the lungs",
             "harmonisation": "noise in the lung parenchyma (HU, robust in-plane high-pass estimate) and the in-plane "
-            "Gaussian that brought it to the target before the model; LAA-950 and Perc15 of the harmonised scan; the "
-            "report's other densitometry is on the raw scan",
+            "Gaussian that brought it to the target before the model (model_input: LAA-950 and Perc15 of that image); "
+            "laa950_percent and perc15_hu: the densitometry harmonised to a soft reference kernel (sharpness measured "
+            "on the pleural edges, kernel conversion and noise matching, see densitometry); the report's other "
+            "densitometry is on the raw scan",
         }
         return report
 
