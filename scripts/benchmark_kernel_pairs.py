@@ -27,7 +27,7 @@ Methods, each applied to every scan: ``raw``; ``model_input`` (the dense model's
 Gaussian to 30 HU, at most 1.5 mm); ``noise_22`` (noise-matched in-plane Gaussian to 22 HU, at most 3 mm);
 ``edge_gauss`` (one in-plane Gaussian that brings the edge MTF at 0.3 cycles/mm to the reference's, when the scan
 is sharp); ``conversion`` (the MTF-ratio kernel conversion alone, no noise matching); ``chosen``
-(:func:`drasclr_ext.transforms.kernel_harmonise.harmonised_densitometry`: conversion and noise matching), and the
+(:func:`drasclr_ext.metrics.kernel_harmonise.harmonised_densitometry`: conversion and noise matching), and the
 same with its tolerance fixed at 0 or at 0.05 whatever the scan's noise (``chosen_tolerance_*``). Targets:
 per pair |delta LAA-950| <= 1 percentage point and |delta Perc15| <= 5 HU; on the soft scan of each pair the
 harmonised LAA-950 within 0.5 points of the raw one.
@@ -178,7 +178,7 @@ def real_pairs(cache: Optional[Path]) -> Iterator[dict[str, Any]]:
 
 def methods() -> dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, dict], dict]]:
     """Each method: (hu, lung, affine, raw values) -> {laa950_percent, perc15_hu, ...}."""
-    import drasclr_ext.transforms.kernel_harmonise as kh
+    import drasclr_ext.metrics.kernel_harmonise as kh
     from drasclr_ext.metrics.emphysema import laa950_percent, perc15
     from drasclr_ext.transforms.harmonise import harmonise_noise
 
@@ -316,8 +316,8 @@ def timing(repeats: int, cache: Optional[Path]) -> str:
     of white noise added; the dense model's noise harmonisation of the same scans for comparison."""
     from drasclr_ext.data.phantom import generate_phantom
     from drasclr_ext.metrics.emphysema import laa950_percent, perc15
+    from drasclr_ext.metrics.kernel_harmonise import harmonised_densitometry
     from drasclr_ext.transforms.harmonise import harmonise_noise
-    from drasclr_ext.transforms.kernel_harmonise import harmonised_densitometry
 
     def make(kernel: str) -> dict:
         p = generate_phantom(5, shape=(512, 512, 300), spacing=(0.75, 0.75, 1.0), kernel=kernel)

@@ -1,4 +1,4 @@
-"""Kernel harmonisation of the densitometry (``drasclr_ext.transforms.kernel_harmonise``) on small synthetic chests:
+"""Kernel harmonisation of the densitometry (``drasclr_ext.metrics.kernel_harmonise``) on small synthetic chests:
 one object reconstructed with a soft and with a sharp (edge-enhancing) kernel at the same dose, so that the two
 differ only in kernel, as a scanner's two reconstructions of one acquisition do."""
 
@@ -12,14 +12,14 @@ from scipy import ndimage
 
 from drasclr_ext.inference.dense import DenseSubtypeWriter
 from drasclr_ext.metrics.emphysema import laa950_percent, perc15
-from drasclr_ext.quality import subject_quality
-from drasclr_ext.transforms.harmonise import HarmoniseNoised
-from drasclr_ext.transforms.kernel_harmonise import (
+from drasclr_ext.metrics.kernel_harmonise import (
     DOSE_NOISE_HU,
     dicom_kernel_class,
     edge_mtf,
     harmonised_densitometry,
 )
+from drasclr_ext.quality import subject_quality
+from drasclr_ext.transforms.harmonise import HarmoniseNoised
 
 PIXEL_MM = 0.7
 AFFINE = np.diag([PIXEL_MM, PIXEL_MM, 2.0, 1.0])

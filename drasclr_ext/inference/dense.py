@@ -308,8 +308,8 @@ def _harmonisation_section(
     ``target_noise_hu``, ``sigma_mm``, ``noise_hu_after``; ``model_input``: LAA-950 / Perc15 of the image the model
     saw), which image the subtype map used, the DICOM kernel, and the kernel-harmonised densitometry:
     ``laa950_percent`` and ``perc15_hu`` as a soft reference kernel would give them, how under ``densitometry``
-    (:func:`~drasclr_ext.transforms.kernel_harmonise.harmonised_densitometry`)."""
-    from drasclr_ext.transforms.kernel_harmonise import dicom_kernel_class, harmonised_densitometry
+    (:func:`~drasclr_ext.metrics.kernel_harmonise.harmonised_densitometry`)."""
+    from drasclr_ext.metrics.kernel_harmonise import dicom_kernel_class, harmonised_densitometry
 
     applied = bool(info.get("applied"))
     section = dict(info)
