@@ -43,7 +43,7 @@ from scipy.signal.windows import tukey
 
 from drasclr_ext.geometry import axis_towards, voxel_spacing
 from drasclr_ext.metrics.emphysema import LAA_THRESHOLD_HU, laa950_percent, perc15
-from drasclr_ext.transforms.harmonise import _lung_box, _NoiseProbe, _sample_slices, _sigma_for_noise, _slices_last
+from drasclr_ext.transforms.harmonise import NoiseProbe, lung_box, sample_slices, sigma_for_noise, slices_last
 
 __all__ = ["dicom_kernel_class", "edge_mtf", "harmonised_densitometry"]
 
@@ -77,7 +77,7 @@ def _edge_profiles(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices:
     lr = axis_towards(affine, 0)[0]
     lr = lr if lr < 2 else 0
     sigma = 1.0 / spacing[:2]
-    box = _lung_box(lung, margin=int(np.ceil(12.0 / min(spacing[:2]))))[:2]  # the pleura and 12 mm around it
+    box = lung_box(lung, margin=int(np.ceil(12.0 / min(spacing[:2]))))[:2]  # the pleura and 12 mm around it
     hu, lung = hu[box], lung[box]
     blurred = {}
 
@@ -87,7 +87,7 @@ def _edge_profiles(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices:
         return blurred[k]
 
     found = []
-    for k in _sample_slices(lung, slices):
+    for k in sample_slices(lung, slices):
         mask = lung[:, :, k] > 0
         xs, ys = np.nonzero(mask & ~ndimage.binary_erosion(mask))
         if xs.size == 0:
@@ -150,7 +150,7 @@ def _edge_spread(profiles: np.ndarray) -> tuple[np.ndarray, int]:
 def edge_mtf(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices: int = 12) -> dict[str, Any]:
     """The in-plane MTF of a (X, Y, Z) CT measured on its costal pleura: ``frequencies`` (cycles/mm), ``mtf``,
     ``edges`` (profiles averaged); ``mtf`` is None below :data:`MIN_EDGES` profiles."""
-    hu, lung, affine, _ = _slices_last(hu, lung, affine)
+    hu, lung, affine, _ = slices_last(hu, lung, affine)
     if not np.any(lung):
         return {"frequencies": _F, "mtf": None, "edges": 0}
     esf, edges = _edge_spread(_edge_profiles(hu, lung, affine, slices))
@@ -246,10 +246,10 @@ def harmonised_densitometry(
     ``dicom_kernel``: the DICOM ConvolutionKernel; used only when the image shows too few pleural edges to measure
     its sharpness (a sharp name then sets the converted scans' noise target, ``kernel_class_source`` ``dicom``)."""
     raw_hu, raw_lung = hu, lung
-    hu, lung, affine, _ = _slices_last(hu, lung, affine)
+    hu, lung, affine, _ = slices_last(hu, lung, affine)
     spacing = voxel_spacing(affine)
     measured = edge_mtf(hu, lung, affine)
-    probe = _NoiseProbe(hu, lung, affine)
+    probe = NoiseProbe(hu, lung, affine)
     probe.crop(int(4 * MAX_SIGMA_MM / probe.pixel_mm + 0.5) + 12)  # a Gaussian's reach, and room for the conversion
     noise = probe.noise()
     tolerance = _tolerance(noise)
@@ -263,7 +263,7 @@ def harmonised_densitometry(
     target = DOSE_NOISE_HU - noise_weight * (DOSE_NOISE_HU - KERNEL_NOISE_HU)
     sigma_px = 0.0
     if probe.noise() > target:
-        sigma_px = _sigma_for_noise(probe, target, MAX_SIGMA_MM / probe.pixel_mm)
+        sigma_px = sigma_for_noise(probe, target, MAX_SIGMA_MM / probe.pixel_mm)
     kind = ("soft", "intermediate", "sharp")[(weight > 0) + (weight >= 1)]
     if source == "dicom":
         kind = str(dicom_kernel_class(dicom_kernel))
@@ -290,7 +290,7 @@ def harmonised_densitometry(
         if raw is None:
             raw = {"laa950_percent": laa950_percent(raw_hu, raw_lung), "perc15_hu": perc15(raw_hu, raw_lung)}
         return {**info, "laa950_percent": float(raw["laa950_percent"]), "perc15_hu": float(raw["perc15_hu"])}
-    box = _lung_box(lung, margin=int(np.ceil(12.0 / probe.pixel_mm + 4 * sigma_px)))
+    box = lung_box(lung, margin=int(np.ceil(12.0 / probe.pixel_mm + 4 * sigma_px)))
     if weight > 0:  # the conversion and the noise-matching Gaussian as one frequency response
         sigma_mm = sigma_px * probe.pixel_mm
         values = _filtered_lung_values(hu[box], lung[box], spacing, response * _gaussian(sigma_mm))

@@ -8,6 +8,9 @@ until the noise in their lung parenchyma matches a reference level.
   at or below the target are unchanged.
 - :class:`HarmoniseNoised` does this in a transform chain, keeping the raw image under ``raw_key`` so that the
   report's densitometry can be given both raw and harmonised.
+- :class:`NoiseProbe`, :func:`sample_slices`, :func:`slices_last`, :func:`sigma_for_noise` and :func:`lung_box` are
+  the building blocks, shared with the kernel harmonisation of the densitometry
+  (:mod:`drasclr_ext.metrics.kernel_harmonise`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,22 @@ from scipy import ndimage
 
 from drasclr_ext.geometry import array_and_affine, axis_towards, mask_bounding_box, voxel_spacing
 
-__all__ = ["HarmoniseNoised", "harmonise_noise", "lung_noise_hu"]
+__all__ = [
+    "HarmoniseNoised",
+    "NoiseProbe",
+    "harmonise_noise",
+    "lung_box",
+    "lung_noise_hu",
+    "sample_slices",
+    "sigma_for_noise",
+    "slices_last",
+]
 
 PARENCHYMA_HU = (-950.0, -700.0)  # smoothed HU of lung parenchyma (no vessels, no lucencies)
 _WHITE_NOISE_GAIN = np.sqrt(8.0 / 9.0)  # residual of a 3x3 mean filter keeps this share of white noise
 
 
-def _sample_slices(lung: np.ndarray, n: int) -> np.ndarray:
+def sample_slices(lung: np.ndarray, n: int) -> np.ndarray:
     """Indices of ``n`` slices (last axis) spread over the central 60 % of the lungs' height."""
     z = np.flatnonzero(lung.any(axis=(0, 1)))
     if len(z) == 0:
@@ -37,9 +49,7 @@ def _sample_slices(lung: np.ndarray, n: int) -> np.ndarray:
     return np.unique(z[np.linspace(0.2 * (len(z) - 1), 0.8 * (len(z) - 1), n).round().astype(int)])
 
 
-def _slices_last(
-    hu: np.ndarray, lung: np.ndarray, affine: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def slices_last(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Views of the arrays with the axial slice axis (the one closest to the world's head-foot axis) last, the
     affine with its columns in that order, and that axis."""
     affine = np.asarray(affine, np.float64)
@@ -50,7 +60,7 @@ def _slices_last(
     return np.moveaxis(hu, axis, -1), np.moveaxis(lung, axis, -1), permuted, axis
 
 
-def _lung_box(lung: np.ndarray, margin: int) -> tuple[slice, ...]:
+def lung_box(lung: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The lungs' bounding box grown by ``margin`` voxels in-plane (whole slices along the last axis)."""
     lo, hi = mask_bounding_box(lung)  # the caller has found parenchyma, so the lungs are there
     grow = np.array([margin, margin, 0])
@@ -70,18 +80,18 @@ def _robust_std(values: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(values - np.median(values))) / _WHITE_NOISE_GAIN)
 
 
-class _NoiseProbe:
+class NoiseProbe:
     """The sampled slices of a scan and their parenchyma voxels, to estimate the noise after any in-plane
     smoothing without recomputing the selection."""
 
     def __init__(self, hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices: int = 12) -> None:
         spacing = voxel_spacing(affine)
         self.pixel_mm = float(np.mean(spacing[:2]))
-        index = _sample_slices(lung, slices)
+        index = sample_slices(lung, slices)
         self.images = [np.asarray(hu[:, :, k], np.float32) for k in index]
         self.masks = [_parenchyma(image, lung[:, :, k], spacing) for image, k in zip(self.images, index)]
 
-    def crop(self, margin: int) -> _NoiseProbe:
+    def crop(self, margin: int) -> NoiseProbe:
         """Cut each sampled slice to its parenchyma's bounding box plus ``margin`` pixels (in place): the same
         estimates, bit for bit, for Gaussians that reach at most ``margin - 2`` pixels, and several times faster."""
         for i, (image, mask) in enumerate(zip(self.images, self.masks)):
@@ -104,7 +114,7 @@ class _NoiseProbe:
         return _robust_std(np.concatenate(residuals)) if residuals else float("nan")
 
 
-def _sigma_for_noise(probe: _NoiseProbe, target_noise_hu: float, max_sigma_px: float) -> float:
+def sigma_for_noise(probe: NoiseProbe, target_noise_hu: float, max_sigma_px: float) -> float:
     """The in-plane Gaussian sigma (pixels, to 0.02) that brings the probe's noise down to ``target_noise_hu``, by
     bisection; ``max_sigma_px`` when even that leaves it above."""
     lo, hi = 0.0, max_sigma_px
@@ -119,8 +129,8 @@ def _sigma_for_noise(probe: _NoiseProbe, target_noise_hu: float, max_sigma_px: f
 def lung_noise_hu(hu: np.ndarray, lung: np.ndarray, affine: np.ndarray, slices: int = 12) -> float:
     """Noise standard deviation (HU) in the lung parenchyma of a (X, Y, Z) CT, estimated on ``slices`` axial
     slices; ``nan`` when the lung has too few parenchyma voxels."""
-    hu, lung, affine, _ = _slices_last(hu, lung, affine)
-    return _NoiseProbe(hu, lung, affine, slices).noise()
+    hu, lung, affine, _ = slices_last(hu, lung, affine)
+    return NoiseProbe(hu, lung, affine, slices).noise()
 
 
 def harmonise_noise(
@@ -129,16 +139,16 @@ def harmonise_noise(
     """``hu`` smoothed in-plane so that :func:`lung_noise_hu` comes down to ``target_noise_hu`` (at most a Gaussian of
     ``max_sigma_mm``), and what was done: ``noise_hu`` before and after, ``sigma_mm``, ``applied``."""
     raw = hu
-    hu, lung, affine, axis = _slices_last(hu, lung, affine)
-    probe = _NoiseProbe(hu, lung, affine)
+    hu, lung, affine, axis = slices_last(hu, lung, affine)
+    probe = NoiseProbe(hu, lung, affine)
     noise = probe.noise()
     info: dict[str, Any] = {"target_noise_hu": float(target_noise_hu), "noise_hu": noise, "sigma_mm": 0.0}
     if not noise > target_noise_hu:  # quiet enough, or unknown (nan): unchanged
         return raw, {**info, "noise_hu_after": noise, "applied": False}
     probe.crop(int(4 * max_sigma_mm / probe.pixel_mm + 0.5) + 2)  # a Gaussian's reach: 4 sigma (scipy's truncate)
-    hi = _sigma_for_noise(probe, target_noise_hu, max_sigma_mm / probe.pixel_mm)
+    hi = sigma_for_noise(probe, target_noise_hu, max_sigma_mm / probe.pixel_mm)
     smoothed = np.array(hu, dtype=np.float32)
-    box = _lung_box(lung, margin=int(np.ceil(4 * hi)) + 8)  # the model sees the lungs: smooth only around them
+    box = lung_box(lung, margin=int(np.ceil(4 * hi)) + 8)  # the model sees the lungs: smooth only around them
     smoothed[box] = ndimage.gaussian_filter(smoothed[box], (hi, hi, 0.0))
     info.update(sigma_mm=round(hi * probe.pixel_mm, 3), noise_hu_after=probe.noise(hi), applied=True)
     return np.moveaxis(smoothed, -1, axis), info
