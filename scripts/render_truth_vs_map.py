@@ -5,7 +5,7 @@
     python scripts/render_truth_vs_map.py --maps /data/maps --cohort /data/test_cohort --seeds 9004 9005 9012
 
 Each image (``<out>/emphysema_phantom_<seed>_truth_vs_map.png``) shows the phantom's true labels (top row) and the
-bundle's map (bottom row) on the same slices (:func:`drasclr_ext.inference.dense.render_overview`).
+bundle's map (bottom row) on the same slices (:func:`drasclr_ext.inference.overview.render_overview`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from drasclr_ext.inference.dense import render_overview
+from drasclr_ext.inference.overview import render_overview
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Union
 
-from drasclr_ext.inference.dense import LABEL_COLOURS
+from drasclr_ext.inference.overview import LABEL_COLOURS
 from drasclr_ext.networks.segmentation import SUBTYPE_CLASSES
 
 __all__ = ["slicer_colour_table", "write_slicer_colour_table"]
