@@ -14,9 +14,11 @@ __all__ = [
     "SUBTYPE_NAMES",
     "cle_grade",
     "emphysema_report",
+    "laa950_of_values",
     "laa950_percent",
     "lung_regions",
     "perc15",
+    "perc15_of_values",
     "pse_grade",
 ]
 
@@ -53,13 +55,22 @@ def _lung_values(hu: Any, lung: Any) -> np.ndarray:
 
 def laa950_percent(hu: Any, lung: Any) -> float:
     """Low-attenuation area: 100 x (lung voxels below -950 HU) / (lung voxels)."""
-    values = _lung_values(hu, lung)
-    return float(100.0 * np.count_nonzero(values < LAA_THRESHOLD_HU) / values.size)
+    return laa950_of_values(_lung_values(hu, lung))
 
 
 def perc15(hu: Any, lung: Any) -> float:
     """The 15th percentile (HU) of the lung's attenuation histogram (linear interpolation between voxels)."""
-    return float(np.percentile(_lung_values(hu, lung).astype(np.float64), 15.0))
+    return perc15_of_values(_lung_values(hu, lung))
+
+
+def laa950_of_values(values: np.ndarray) -> float:
+    """:func:`laa950_percent` of the lung's voxel values (a non-empty 1D array)."""
+    return float(100.0 * np.count_nonzero(values < LAA_THRESHOLD_HU) / values.size)
+
+
+def perc15_of_values(values: np.ndarray) -> float:
+    """:func:`perc15` of the lung's voxel values (a non-empty 1D array)."""
+    return float(np.percentile(np.asarray(values, np.float64), 15.0))
 
 
 def _grade(fraction: float, cutoffs: tuple[float, ...], name: str) -> int:

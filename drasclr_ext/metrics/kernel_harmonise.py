@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.signal.windows import tukey
 
 from drasclr_ext.geometry import axis_towards, voxel_spacing
-from drasclr_ext.metrics.emphysema import LAA_THRESHOLD_HU, laa950_percent, perc15
+from drasclr_ext.metrics.emphysema import laa950_of_values, laa950_percent, perc15, perc15_of_values
 from drasclr_ext.transforms.harmonise import NoiseProbe, lung_box, sample_slices, sigma_for_noise, slices_last
 
 __all__ = ["dicom_kernel_class", "edge_mtf", "harmonised_densitometry"]
@@ -217,18 +217,6 @@ def _filtered_lung_values(
     return np.concatenate(values) if values else np.zeros(0, np.float32)
 
 
-def _laa950_and_perc15(values: np.ndarray) -> tuple[float, float]:
-    """LAA-950 (%) and Perc15 (HU, numpy's linear interpolation) of lung voxel values, as
-    :func:`~drasclr_ext.metrics.emphysema.laa950_percent` and :func:`~drasclr_ext.metrics.emphysema.perc15`."""
-    laa = 100.0 * np.count_nonzero(values < LAA_THRESHOLD_HU) / values.size
-    position = 0.15 * (values.size - 1)
-    lo = int(np.floor(position))
-    hi = min(lo + 1, values.size - 1)
-    part = np.partition(values, (lo, hi))
-    a, b = float(part[lo]), float(part[hi])
-    return float(laa), a + (b - a) * (position - lo)
-
-
 def harmonised_densitometry(
     hu: np.ndarray,
     lung: np.ndarray,
@@ -297,8 +285,7 @@ def harmonised_densitometry(
     else:
         smoothed = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), (sigma_px, sigma_px, 0.0))
         values = smoothed[lung[box] > 0]
-    laa, p15 = _laa950_and_perc15(values)
-    return {**info, "laa950_percent": laa, "perc15_hu": p15}
+    return {**info, "laa950_percent": laa950_of_values(values), "perc15_hu": perc15_of_values(values)}
 
 
 # vendor naming of reconstruction kernels (DICOM ConvolutionKernel, 0018,1210)

@@ -172,19 +172,18 @@ def preprocess_cohort(
         build_store: build/refresh ``out/store`` at the end.
         progress: show a tqdm progress bar.
         threads: torch threads per process; default ``$DRASCLR_THREADS``, ``$OMP_NUM_THREADS``, else the usable
-            cores divided by the processes (:func:`drasclr_ext.parallel.threads_per_process`).
+            cores divided by the processes, no more than other processes leave idle
+            (:func:`drasclr_ext.parallel.threads_per_process`).
 
     Returns:
         summary: counts (``total``, ``done``, ``skipped``, ``failed``), ``failures_csv``, ``store``.
     """
-    from drasclr_ext.atlas import load_atlas
-
-    load_atlas(atlas, atlas_path)  # fail fast on a bad atlas, before touching any scan
+    chain = _chain(atlas, atlas_path, k)  # loads the atlas: a bad one fails here, before any scan
     threads = set_threads(int(workers), threads)
     runner = CohortRunner(
         datalist,
         out,
-        _chain(atlas, atlas_path, k),
+        chain,
         _identity,
         write_preprocessed,
         done_file=DONE_FILE,
