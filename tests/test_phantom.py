@@ -233,3 +233,33 @@ def test_thick_slice_centrilobular_labels_mark_mostly_lucent_voxels():
     normal = np.median(image[label == 1])
     assert np.median(image[label == 2]) < (normal - 992.0) / 2.0
     assert np.count_nonzero(label == 2) > 0.1 * np.count_nonzero(label > 0)
+
+
+def _lag1(image: np.ndarray, axis: int) -> float:
+    a, b = np.moveaxis(image, axis, 0)[:-1].ravel(), np.moveaxis(image, axis, 0)[1:].ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _expected_lag1(sigma_voxels: float) -> float:
+    """Lag-1 correlation of white noise through scipy's discrete Gaussian of ``sigma_voxels``."""
+    from scipy import ndimage
+
+    delta = np.zeros(65)
+    delta[32] = 1.0
+    k = ndimage.gaussian_filter1d(delta, sigma_voxels)
+    return float((k[:-1] * k[1:]).sum() / (k * k).sum())
+
+
+@pytest.mark.parametrize("pixel_mm", [0.5, 1.0])
+def test_the_scanner_correlates_noise_over_voxels_or_over_mm(pixel_mm):
+    """On a flat object the image is the noise: Gaussian-correlated over 0.6 voxels by default (the same lag-1
+    correlation at any pixel size), or over ``noise_correlation_mm`` (the same texture in mm)."""
+    from drasclr_ext.data.phantom.scanner import scan
+
+    flat = np.zeros((160, 160, 4), np.float32)
+    spacing = (pixel_mm, pixel_mm, 2.0)
+    by_voxel, _ = scan(flat, spacing, "smooth", 100.0, np.random.default_rng(0))
+    by_mm, _ = scan(flat, spacing, "smooth", 100.0, np.random.default_rng(0), noise_correlation_mm=1.0)
+    assert _lag1(by_voxel, 0) == pytest.approx(_expected_lag1(0.6), abs=0.02)
+    assert _lag1(by_mm, 0) == pytest.approx(_expected_lag1(1.0 / pixel_mm), abs=0.02)
+    assert by_mm.std() == pytest.approx(100.0, rel=0.02)

@@ -37,6 +37,7 @@ def generate_phantom(
     kernel: str | None = None,
     resolution_scale: float = 2.0,
     lung_template: Any = None,
+    noise_correlation_mm: float | None = None,
 ) -> dict[str, Any]:
     """Generate one synthetic chest CT with emphysema and its exact ground truth; deterministic per ``seed``.
 
@@ -49,6 +50,8 @@ def generate_phantom(
         kernel: force the reconstruction kernel, "smooth" or "sharp".
         resolution_scale: multiplies the drawn scanner spacing (2: CI-sized, 1: full 512-matrix resolution).
         lung_template: a lung mask to take the lungs' shape from (NIfTI path or ``(array, affine)``).
+        noise_correlation_mm: correlate the noise in-plane over this many mm instead of the default 0.6 voxels (a
+            physical texture at fine pixels; the default keeps every phantom as it has always been).
 
     Returns:
         dict with ``image`` (float32 HU, X,Y,Z), ``label`` (uint8: 0 outside lung, 1 normal, 2 centrilobular,
@@ -70,7 +73,7 @@ def generate_phantom(
     del texture
     hu = _vessels_and_airways(hu, vessels * thorax, aw_outer, aw_lumen)
     del vessels, aw_outer
-    image, sigma = scan(hu, grid.spacing, subject.kernel, subject.noise_hu, rng)
+    image, sigma = scan(hu, grid.spacing, subject.kernel, subject.noise_hu, rng, noise_correlation_mm)
     del hu
     ple, cle, _, pse_lumen = lesions
     label, lung_mask = ground_truth(lungs, aw_lumen, ple, cle, pse_lumen, sigma)
