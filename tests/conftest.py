@@ -37,3 +37,23 @@ def abdomen_ct_dir() -> Path:
 @pytest.fixture
 def drasclr_atlas_dir() -> Path:
     return shared_path("data", "drasclr_atlas")
+
+
+@pytest.fixture(scope="session")
+def preprocessed_chests(tmp_path_factory):
+    """Two synthetic chests (3 mm and 2.5 x 2.5 x 4 mm) and a broken file, preprocessed once in this process with
+    the default settings of ``drasclr preprocess``: ``(scans, out, summary)``. Shared by the cohort tests and the
+    torchrun comparison; treat the outputs as read-only."""
+    import nibabel as nib
+
+    from drasclr_ext.preprocess.cohort import preprocess_cohort
+    from tests.synthetic_chest import make_chest
+
+    scans = tmp_path_factory.mktemp("chest_scans")
+    for i, spacing in enumerate([(3.0, 3.0, 3.0), (2.5, 2.5, 4.0)]):
+        chest = make_chest(spacing=spacing, seed=i)
+        nib.save(nib.Nifti1Image(chest.hu, chest.affine), scans / f"chest{i}.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    out = tmp_path_factory.mktemp("chest_preprocessed")
+    summary = preprocess_cohort(scans, out, progress=False)
+    return scans, out, summary

@@ -1,5 +1,8 @@
-"""The emphysema bundle's inference under ``torchrun`` with 2 CPU processes: each rank takes its share of the
-cohort, rank 0 writes the one summary and failures.csv, and the union equals a single-process run."""
+"""The emphysema bundle's inference and ``drasclr preprocess`` under ``torchrun`` with 2 CPU processes: each rank
+takes its share of the cohort, rank 0 writes the one summary and failures.csv, and the union equals a single-process
+run. The single-process references run in this process (in a full test run MONAI and ITK are loaded here already:
+no start-up of another process), the preprocessing one shared with tests/test_preprocess_cohort.py
+(``preprocessed_chests`` in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -15,13 +18,30 @@ from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli, write_small_p
 BUNDLE = bundle_dir("drasclr_emphysema_subtype")
 
 
-def _inference(output: Path, dataset: Path, cwd: Path, processes: int = 1) -> str:
-    args = [PYTHON, "-m", "monai.bundle", "run"]
-    if processes > 1:
-        args = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
-        args += ["monai.bundle", "run"]
+def _overrides(output: Path, dataset: Path) -> dict:
+    return {"dataset_dir": str(dataset), "output_dir": str(output), "overview": False, "overlap": 0}
+
+
+def _inference_here(output: Path, dataset: Path) -> None:
+    """The single-process reference: the bundle's ``run`` in this process, with the overrides of :func:`_inference`."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        **_overrides(output, dataset),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def _inference(output: Path, dataset: Path, cwd: Path) -> str:
+    """``torchrun --nproc_per_node=2 -m monai.bundle run`` of the bundle's inference; returns the output."""
+    args = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run"]
     args += ["--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(BUNDLE)]
-    args += ["--dataset_dir", str(dataset), "--output_dir", str(output), "--overview", "False", "--overlap", "0"]
+    args += [f"--{key}={value}" for key, value in _overrides(output, dataset).items()]
     proc = run_bundle_cli(args, cwd=cwd)
     return proc.stdout + proc.stderr
 
@@ -32,8 +52,8 @@ def test_two_processes_share_the_cohort_and_rank_0_merges(tmp_path):
         write_small_phantom(data, seed=seed, name=f"p{seed}")
     (data / "broken.nii.gz").write_bytes(b"\x1f\x8b not a scan")
     (tmp_path / "cwd").mkdir()
-    _inference(tmp_path / "one", data, tmp_path / "cwd")
-    log = _inference(tmp_path / "two", data, tmp_path / "cwd", processes=2)
+    _inference_here(tmp_path / "one", data)
+    log = _inference(tmp_path / "two", data, tmp_path / "cwd")
     assert log.count("subjects: 100%") >= 2 and "3/3" not in log  # two ranks share the scans
 
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -54,33 +74,28 @@ def test_two_processes_share_the_cohort_and_rank_0_merges(tmp_path):
     assert not list((tmp_path / "two").glob(".drasclr.lock*"))  # every rank released its lock
 
     # resumable: a second 2-process run skips everything
-    _inference(tmp_path / "two", data, tmp_path / "cwd", processes=2)
+    _inference(tmp_path / "two", data, tmp_path / "cwd")
     again = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert again["processed"] == [] and sorted(again["skipped"]) == ["p21", "p22"]
 
 
-def test_preprocessing_under_torchrun_equals_one_process(tmp_path):
-    """``drasclr preprocess`` with 2 processes: same subjects, same patches, one failures.csv, one store."""
-    from tests.synthetic_chest import make_chest
-
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for i, spacing in enumerate([(3.0, 3.0, 3.0), (2.5, 2.5, 4.0), (3.0, 3.0, 2.5)]):
-        chest = make_chest(spacing=spacing, seed=i)
-        nib.save(nib.Nifti1Image(chest.hu, chest.affine), scans / f"chest{i}.nii.gz")
-    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
-    cli = ["-m", "drasclr_ext.cli", "preprocess", str(scans)]
-    run_bundle_cli([PYTHON, *cli, str(tmp_path / "one")], cwd=tmp_path)
+def test_preprocessing_under_torchrun_equals_one_process(preprocessed_chests, tmp_path):
+    """``drasclr preprocess`` with 2 processes: same subjects, same patches, one failures.csv, one store, as the
+    session's single-process run of the same defaults on the same scans."""
+    scans, one, _ = preprocessed_chests
     launch = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = run_bundle_cli([*launch, *cli, str(tmp_path / "two")], cwd=tmp_path)
+    proc = run_bundle_cli([*launch, "-m", "drasclr_ext.cli", "preprocess", str(scans), str(tmp_path / "two")], tmp_path)
     log = proc.stdout + proc.stderr
-    assert log.count("preprocess: 100%") >= 2 and "4/4" not in log  # two ranks, two scans each
-    for name in ("chest0", "chest1", "chest2"):
-        a, b = (np.load(tmp_path / run / name / "patches.npy") for run in ("one", "two"))
+    # broken, chest0, chest1: rank 0 takes broken and chest1, rank 1 chest0
+    assert log.count("preprocess: 100%") >= 2 and "3/3" not in log
+    two = tmp_path / "two"
+    assert sorted(p.name for p in one.iterdir() if p.is_dir()) == sorted(p.name for p in two.iterdir() if p.is_dir())
+    for name in ("chest0", "chest1"):
+        a, b = (np.load(root / name / "patches.npy") for root in (one, two))
         np.testing.assert_array_equal(a, b)
-    for run in ("one", "two"):
-        with open(tmp_path / run / "failures.csv") as f:
+    for root in (one, two):
+        with open(root / "failures.csv") as f:
             assert [row["subject"] for row in csv.DictReader(f)] == ["broken"]
-    stores = [sorted(p.name for p in (tmp_path / run / "store").iterdir()) for run in ("one", "two")]
+    stores = [sorted(p.name for p in (root / "store").iterdir()) for root in (one, two)]
     assert stores[0] == stores[1] and stores[0]
-    assert not list((tmp_path / "two").glob(".drasclr.lock*"))
+    assert not list(two.glob(".drasclr.lock*"))

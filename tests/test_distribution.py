@@ -233,33 +233,19 @@ def test_released_bundles_must_require_the_wheel_version(tmp_path):
 
 
 def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
-    """Slow (about a minute on a busy 2-core machine): download with MONAI from the local server, run inference on
-    a small phantom from another working directory, then monai.bundle.load offline."""
-    from monai.bundle import load
+    """Slow (about a minute on a busy 2-core machine): download with MONAI from the local server (``monai.bundle
+    download``, here in this process; tests/test_stranger_install.py runs its command line), run inference on a small
+    phantom in a fresh process from another working directory, then monai.bundle.load offline."""
+    from monai.bundle import download, load
 
     bundle_dir, elsewhere = tmp_path / "bundles", tmp_path / "elsewhere"
     elsewhere.mkdir()
     url = f"{server}/{releases[EMPHYSEMA].zip_path.name}"
-    run_bundle_cli(
-        [
-            PYTHON,
-            "-m",
-            "monai.bundle",
-            "download",
-            "--name",
-            EMPHYSEMA,
-            "--url",
-            url,
-            "--bundle_dir",
-            str(bundle_dir),
-            "--progress",
-            "False",
-        ],
-        cwd=elsewhere,
-    )
+    download(name=EMPHYSEMA, url=url, bundle_dir=str(bundle_dir), progress=False)
     root = bundle_dir / EMPHYSEMA
     assert sha256sum(bundle_dir / f"{EMPHYSEMA}.zip") == releases[EMPHYSEMA].sha256
-    scans = write_small_phantom(tmp_path / "scans").parent
+    # a phantom with small lungs (fewer 64^3 windows than the default seed's)
+    scans = write_small_phantom(tmp_path / "scans", seed=21).parent
     out = tmp_path / "out"
     # 64^3 windows without overlap, one at a time (the fewest network seconds on a CPU) and no overview figure: this
     # checks the download, not the maps
@@ -420,13 +406,17 @@ def test_altered_weights_in_a_downloaded_bundle_fail_inference_with_the_hash(rel
 def test_atlas_urls_follow_the_official_repository_layout(www, server, tmp_path):
     """The atlas entries of large_files.yml, with only the host mapped to a local mirror laid out like
     raw.githubusercontent.com/batmanlab/DrasCLR/main/ (the files are in preprocess/misc/ there), download and pass
-    their hash check."""
+    their hash check. ``monai.bundle.download_large_files`` runs in this process; the next test runs its command
+    line."""
+    from monai.bundle import download_large_files
+
     atlas = shared_path("data", "drasclr_atlas")
     for name in (EMPHYSEMA, SSL):
         root = stage_bundle(BUNDLES / name, tmp_path / name)
         entries = mirror_large_files(root, www, server, atlas)
         assert len(entries) == 2
-        run_bundle_cli([PYTHON, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path)
+        assert not any((root / entry["path"]).exists() for entry in entries)  # the staged bundle has no data/
+        download_large_files(bundle_path=str(root))
         for entry in entries:
             assert sha256sum(root / entry["path"]) == entry["hash_val"]
 

@@ -13,7 +13,6 @@ import pytest
 from drasclr_ext.atlas import load_atlas
 from drasclr_ext.preprocess.cohort import preprocess_cohort, preprocess_subject
 from drasclr_ext.subjects import read_datalist
-from tests.synthetic_chest import make_chest
 
 SUBJECT_FILES = {
     "lung_mask.nii.gz",
@@ -27,15 +26,9 @@ SUBJECT_FILES = {
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    scans = tmp_path_factory.mktemp("scans")
-    for i, spacing in enumerate([(3.0, 3.0, 3.0), (2.5, 2.5, 4.0)]):
-        chest = make_chest(spacing=spacing, seed=i)
-        nib.save(nib.Nifti1Image(chest.hu, chest.affine), scans / f"chest{i}.nii.gz")
-    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
-    out = tmp_path_factory.mktemp("out")
-    summary = preprocess_cohort(scans, out, progress=False)
-    return scans, out, summary
+def cohort(preprocessed_chests):
+    """Two chests and a broken file, preprocessed once per session (``tests/conftest.py``)."""
+    return preprocessed_chests
 
 
 def test_cohort_writes_every_output_of_good_scans(cohort):
