@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (the README's test command): two workers share 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DRASCLR_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
