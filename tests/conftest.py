@@ -11,8 +11,43 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (the README's test co
     import torch
 
     torch.set_num_threads(1)
+    # and so do the bundle runs in these workers (``set_threads`` would take a core the other worker leaves idle for
+    # a moment) and every process they start: OpenMP threads waiting for a busy core stall each other
+    os.environ.setdefault("DRASCLR_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The longest test files, longest first (seconds of test time in docs/BENCHMARKS.md, "Test suite"). With
+# `pytest -n 2 --dist loadfile` each worker takes the next file in collection order when it is free: these start
+# first, and the many short files fill the end of the run instead of one worker finishing a long file alone.
+LONGEST_FILES_FIRST = (
+    "test_bundle_emphysema_training.py",
+    "test_cohort_torchrun.py",
+    "test_stranger_install.py",
+    "test_bundle_emphysema_subtype.py",
+    "test_bundle_lung_ct_ssl.py",
+    "test_monailabel_app.py",
+    "test_distribution.py",
+    "test_cohort_workers.py",
+    "test_phantom.py",
+    "test_registration.py",
+    "test_run_checks.py",
+    "test_preprocess_cohort.py",
+    "test_airways.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the collection order below for xdist (by default it starts the files with the most tests first)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files of :data:`LONGEST_FILES_FIRST` first, in that order; the others after them, as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 SHARED_DIR = Path(os.environ.get("DRASCLR_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 

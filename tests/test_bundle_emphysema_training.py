@@ -1,6 +1,7 @@
 """Fine-tuning and evaluating the dense emphysema bundle, as the model zoo tests bundles: ``train.json`` from the
 command line in another working directory (one short epoch on coarse phantoms, one broken subject), then the
-``evaluate.json`` overlay, on a copy of the bundle so the repository's weights stay as they are."""
+``evaluate.json`` overlay (in this process, from that directory: the command line's parsing is the training's), on a
+copy of the bundle so the repository's weights stay as they are."""
 
 from __future__ import annotations
 
@@ -83,13 +84,26 @@ def test_a_broken_training_scan_is_listed_and_the_others_train(trained):
     assert len(list((trained["root"] / "out" / "grid_cache").glob("*/done.json"))) == 1
 
 
-def test_evaluate_writes_per_class_scores_and_laa950_errors(trained):
+def test_evaluate_writes_per_class_scores_and_laa950_errors(trained, monkeypatch):
+    from monai.bundle import ConfigWorkflow
+
     bundle, root = trained["bundle"], trained["root"]
-    files = [str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")]
-    args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", json.dumps(files).replace('"', "'")]
-    args += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
-    args += ["--dataset_dir", str(trained["datalist"]), "--output_dir", str(root / "eval"), "--window", "64", *INFER]
-    run_bundle_cli(args, cwd=root / "elsewhere")
+    monkeypatch.chdir(root / "elsewhere")
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        workflow_type=None,
+        bundle_root=str(bundle),
+        dataset_dir=str(trained["datalist"]),
+        output_dir=str(root / "eval"),
+        window=64,
+        overlap=0.0,
+        sw_batch_size=1,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert not any((root / "elsewhere").iterdir())  # nothing written to the working directory
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["section"] == "test" and metrics["subjects_scored"] == 1
     for name in ("normal", "centrilobular", "paraseptal", "panlobular"):

@@ -232,11 +232,11 @@ def test_released_bundles_must_require_the_wheel_version(tmp_path):
 # ------------------------------------------------------------------------------------------------ downloading
 
 
-def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
-    """Slow (about a minute on a busy 2-core machine): download with MONAI from the local server (``monai.bundle
-    download``, here in this process; tests/test_stranger_install.py runs its command line), run inference on a small
-    phantom in a fresh process from another working directory, then monai.bundle.load offline."""
-    from monai.bundle import download, load
+def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path, monkeypatch):
+    """Download with MONAI from the local server (``monai.bundle download``, here in this process;
+    tests/test_stranger_install.py runs its command line and a fresh process), run the downloaded bundle's inference
+    on a small phantom from another working directory, then monai.bundle.load offline."""
+    from monai.bundle import ConfigWorkflow, download, load
 
     bundle_dir, elsewhere = tmp_path / "bundles", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -249,29 +249,21 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path):
     out = tmp_path / "out"
     # 64^3 windows without overlap, one at a time (the fewest network seconds on a CPU) and no overview figure: this
     # checks the download, not the maps
-    run_bundle_cli(
-        [
-            PYTHON,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(root / "configs" / "inference.json"),
-            "--bundle_root",
-            str(root),
-            "--dataset_dir",
-            str(scans),
-            "--output_dir",
-            str(out),
-            "--overlap",
-            "0.0",
-            "--sw_batch_size",
-            "1",
-            "--overview",
-            "False",
-        ],
-        cwd=elsewhere,
+    monkeypatch.chdir(elsewhere)
+    workflow = ConfigWorkflow(
+        config_file=str(root / "configs" / "inference.json"),
+        workflow_type="infer",
+        bundle_root=str(root),
+        dataset_dir=str(scans),
+        output_dir=str(out),
+        overlap=0.0,
+        sw_batch_size=1,
+        overview=False,
     )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert not any(elsewhere.iterdir())
     report = json.loads((out / "small" / "report.json").read_text())
     assert report["model"]["weights_sha256"] == sha256sum(root / "models" / "model.pt")
     assert (report["dense"]["window"], report["dense"]["overlap"]) == (64, 0.0)
@@ -436,7 +428,7 @@ def test_download_large_files_fetches_the_weights_and_checks_their_hash(releases
             entries.append({**entry, "url": f"{server}/large/{SSL}/{entry['path']}"})
     (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
     assert not (root / "models" / "model.pt").exists()
-    run_bundle_cli([PYTHON, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(root)], cwd=tmp_path)
+    download_large_files(bundle_path=str(root))  # its command line: tests/test_stranger_install.py
     for entry in entries:
         assert sha256sum(root / entry["path"]) == entry["hash_val"]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from drasclr_ext.errors import DrasCLRError, InputImageError
+from drasclr_ext.errors import DrasCLRError, InputImageError, error_message, our_error
 from drasclr_ext.fileio import LOCK_FILE, OutputLock, atomic_save_npy
 from drasclr_ext.inference.runner import CohortRunner
 from drasclr_ext.quality import scan_quality
@@ -265,28 +265,54 @@ def _assert_short_error(proc: subprocess.CompletedProcess, message: str) -> None
 SSL = bundle_dir("drasclr_lung_ct_ssl")
 
 
-@pytest.mark.parametrize("case", ["missing dataset", "output is a file", "rejected weights", "missing atlas"])
-def test_bundle_run_level_errors_are_one_message(tmp_path, case):
+def _bundle_settings(tmp_path: Path, case: str) -> tuple[dict, str]:
+    """Overrides of the pretraining bundle's inference that make its run fail, and the message expected."""
     settings = {"dataset_dir": str(tmp_path / "nowhere"), "output_dir": str(tmp_path / "out")}
-    expected = {"missing dataset": "does not exist", "output is a file": "is a file"}
-    if case == "output is a file":
-        settings["dataset_dir"] = str(_scans(tmp_path / "scans", "a.nii.gz"))
-        (tmp_path / "out").write_text("")
-    elif case == "rejected weights":
+    if case == "missing dataset":
+        return settings, "does not exist"
+    if case == "rejected weights":
         (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-        settings["ckpt_path"] = str(tmp_path / "model.pt")
-        expected[case] = "could not read checkpoint"
-    elif case == "missing atlas":
-        settings.update(atlas_name="drasclr", atlas_path=str(tmp_path / "no_atlas"))
-        settings["dataset_dir"] = str(_scans(tmp_path / "scans", "a.nii.gz"))
-        expected[case] = "atlas 'drasclr': missing"
+        return {**settings, "ckpt_path": str(tmp_path / "model.pt")}, "could not read checkpoint"
+    settings["dataset_dir"] = str(_scans(tmp_path / "scans", "a.nii.gz"))
+    if case == "output is a file":
+        (tmp_path / "out").write_text("")
+        return settings, "is a file"
+    return {**settings, "atlas_name": "drasclr", "atlas_path": str(tmp_path / "no_atlas")}, "atlas 'drasclr': missing"
+
+
+def test_bundle_run_level_error_is_one_message_from_the_command_line(tmp_path):
+    """``python -m monai.bundle run``: our error, wrapped by MONAI's config parser, ends the process with its message
+    alone (the excepthook installed by ``import drasclr_ext``); the other cases below raise the same way in-process."""
+    settings, expected = _bundle_settings(tmp_path, "missing dataset")
     args = [PYTHON, "-m", "monai.bundle", "run", "--config_file", str(SSL / "configs" / "inference.json")]
     args += ["--bundle_root", str(SSL)] + [f"--{k}={v}" for k, v in settings.items()]
-    _assert_short_error(_run(args), expected[case])
+    _assert_short_error(_run(args), expected)
     assert not (tmp_path / "out" / "failures.csv").exists()
 
 
-def test_drasclr_commands_report_our_errors_in_one_message_and_debug_shows_the_traceback(tmp_path):
+@pytest.mark.parametrize("case", ["output is a file", "rejected weights", "missing atlas"])
+def test_bundle_run_level_errors_are_ours_and_stop_before_any_scan(tmp_path, case):
+    """The bundle's run raises our error (what the excepthook prints, see the test above) before any scan."""
+    from monai.bundle import ConfigWorkflow
+
+    settings, expected = _bundle_settings(tmp_path, case)
+    workflow = ConfigWorkflow(
+        config_file=str(SSL / "configs" / "inference.json"), workflow_type="infer", bundle_root=str(SSL), **settings
+    )
+    with pytest.raises(Exception) as raised:
+        workflow.initialize()
+        workflow.run()
+    ours = our_error(raised.value)
+    assert ours is not None and expected in str(ours), repr(raised.value)
+    assert "ConfigExpression" not in error_message(ours)
+    assert not (tmp_path / "out" / "failures.csv").exists()
+
+
+def test_drasclr_commands_report_our_errors_in_one_message_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """The ``drasclr`` command line in processes of its own; ``preprocess`` through the same ``main`` in-process."""
+    from drasclr_ext.cli import main
+
+    monkeypatch.delenv("DRASCLR_DEBUG", raising=False)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     args = [PYTHON, "-m", "drasclr_ext.cli", "convert_checkpoint", str(tmp_path / "bad.pt"), str(tmp_path / "o.pt")]
     proc = _run(args)
@@ -294,5 +320,8 @@ def test_drasclr_commands_report_our_errors_in_one_message_and_debug_shows_the_t
     assert "weights_only=False" not in proc.stderr
     debug = _run(args, DRASCLR_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
-    preprocess = _run([PYTHON, "-m", "drasclr_ext.cli", "preprocess", str(tmp_path / "none"), str(tmp_path / "o")])
-    _assert_short_error(preprocess, "does not exist")
+    with pytest.raises(SystemExit) as ended:
+        main(["preprocess", str(tmp_path / "none"), str(tmp_path / "o")])
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert ended.value.code == 1 and stderr[-2].startswith("drasclr: error: ") and "does not exist" in stderr[-2]
+    assert stderr[-1] == "(set DRASCLR_DEBUG=1 to see the full traceback)"

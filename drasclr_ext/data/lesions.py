@@ -34,6 +34,7 @@ from drasclr_ext.data.lesion_sites import (
     place_pse,
 )
 from drasclr_ext.data.lung_noise import lung_noise, noise_field
+from drasclr_ext.geometry import mask_bounding_box
 
 __all__ = ["SUBTYPE_NAMES", "insert_lesions", "lung_noise"]
 
@@ -123,11 +124,11 @@ def insert_lesions(
 def _lung_box(lung: np.ndarray) -> Optional[tuple[slice, ...]]:
     """The lungs' bounding box plus 3 voxels, where the lesions are worked out (everything else stays as it was);
     None without lung."""
-    nz = np.argwhere(lung > 0)
-    if len(nz) == 0:
+    bounds = mask_bounding_box(lung > 0)
+    if bounds is None:
         return None
-    lo, hi = np.maximum(nz.min(0) - 3, 0), np.minimum(nz.max(0) + 4, np.array(lung.shape))
-    return tuple(slice(a, b) for a, b in zip(lo, hi))
+    lo, hi = np.maximum(bounds[0] - 3, 0), np.minimum(bounds[1] + 3, np.array(lung.shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from drasclr_ext.errors import InputImageError
-from drasclr_ext.geometry import memory_layout
+from drasclr_ext.geometry import mask_bounding_box, memory_layout
 
 __all__ = [
     "LAA_THRESHOLD_HU",
@@ -41,12 +41,18 @@ def _volume(array: Any, name: str) -> np.ndarray:
     return a
 
 
-def _lung_values(hu: Any, lung: Any) -> np.ndarray:
+def _image_and_mask(hu: Any, lung: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_volume` of the image and of its lung mask, which must have the image's shape."""
     h, m = _volume(hu, "hu"), _volume(lung, "lung mask")
     if h.shape != m.shape:
         raise InputImageError(
             f"image {h.shape} and lung mask {m.shape} differ in shape: compute the mask on this image"
         )
+    return h, m
+
+
+def _lung_values(hu: Any, lung: Any) -> np.ndarray:
+    h, m = _image_and_mask(hu, lung)
     values = h[m > 0]
     if values.size == 0:
         raise InputImageError("the lung mask is empty: check the lung segmentation of this scan")
@@ -102,15 +108,11 @@ _REGIONS = (
 
 
 def _lung_box(m: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of the lung voxels (label > 0) of a 3D label map, from its projections."""
-    lung = m > 0
-    box = []
-    for axis in range(3):
-        occupied = np.flatnonzero(np.any(lung, axis=tuple(a for a in range(3) if a != axis)))
-        if occupied.size == 0:
-            raise InputImageError("the lung mask is empty: check the lung segmentation of this scan")
-        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
-    return tuple(box)
+    """The bounding box of the lung voxels (label > 0) of a 3D label map."""
+    bounds = mask_bounding_box(m > 0)
+    if bounds is None:
+        raise InputImageError("the lung mask is empty: check the lung segmentation of this scan")
+    return tuple(slice(int(a), int(b)) for a, b in zip(*bounds))
 
 
 def _region_codes(m: np.ndarray, a: np.ndarray, box: tuple[slice, ...], slab: int = 8) -> np.ndarray:
@@ -177,23 +179,21 @@ def lung_regions(lung_mask: Any, affine: Any) -> dict[str, np.ndarray]:
     return regions
 
 
-def emphysema_report(hu: Any, lung_mask: Any, affine: Any, subtype_label: Any = None) -> dict[str, Any]:
-    """Clinical summary of one scan: lung volume (ml), LAA-950 (%), Perc15 (HU), per-region LAA-950 and volume,
-    and, given an emphysema label map {0 outside, 1 normal, 2 CLE, 3 PSE, 4 PLE}, subtype fractions and grades.
+def _subtype_label(subtype_label: Any, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    """:func:`_volume` of a subtype label map of the lung mask's ``shape``, or None."""
+    if subtype_label is None:
+        return None
+    label = _volume(subtype_label, "subtype label")
+    if label.shape != shape:
+        raise InputImageError(f"subtype label {label.shape} and lung mask {shape} differ in shape")
+    return label
 
-    Every count comes from one histogram of (region, below -950 HU, label) over the lung's bounding box.
-    """
-    h = _volume(hu, "hu")
-    m = _volume(lung_mask, "lung mask")
-    a = np.asarray(affine, dtype=np.float64)
-    if h.shape != m.shape:
-        raise InputImageError(
-            f"image {h.shape} and lung mask {m.shape} differ in shape: compute the mask on this image"
-        )
-    voxel_ml = float(abs(np.linalg.det(a[:3, :3]))) / 1000.0
-    label = None if subtype_label is None else _volume(subtype_label, "subtype label")
-    if label is not None and label.shape != m.shape:
-        raise InputImageError(f"subtype label {label.shape} and lung mask {m.shape} differ in shape")
+
+def _region_counts(
+    h: np.ndarray, m: np.ndarray, a: np.ndarray, label: Optional[np.ndarray]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Voxel counts (below -950 HU: 0/1, label 0-4) of each region of :data:`_REGIONS`, all from one histogram of
+    (region code, below -950 HU, label) over the lungs' bounding box; and the lung voxels' HU."""
     box = _lung_box(m)
     codes = _region_codes(m, a, box)
     order = memory_layout(codes)  # flatten in memory order
@@ -219,22 +219,40 @@ def emphysema_report(hu: Any, lung_mask: Any, affine: Any, subtype_label: Any = 
             for z, zone in enumerate(_ZONES)
         },
     }
+    return by_region, values
+
+
+def _region_entry(counts: np.ndarray, voxel_ml: float, with_labels: bool) -> dict[str, Any]:
+    """Volume, LAA-950 and (``with_labels``) subtype fractions of one region from its :func:`_region_counts`."""
+    n = int(counts.sum())
+    entry: dict[str, Any] = {
+        "volume_ml": n * voxel_ml,
+        "laa950_percent": 100.0 * int(counts[1].sum()) / n if n else None,
+    }
+    if with_labels:
+        per_label = counts.sum(axis=0)
+        entry["subtype_fractions"] = {s: (float(per_label[v]) / n if n else None) for v, s in SUBTYPE_NAMES.items()}
+    return entry
+
+
+def emphysema_report(hu: Any, lung_mask: Any, affine: Any, subtype_label: Any = None) -> dict[str, Any]:
+    """Clinical summary of one scan: lung volume (ml), LAA-950 (%), Perc15 (HU), per-region LAA-950 and volume,
+    and, given an emphysema label map {0 outside, 1 normal, 2 CLE, 3 PSE, 4 PLE}, subtype fractions and grades.
+
+    Every count comes from one histogram of (region, below -950 HU, label) over the lung's bounding box.
+    """
+    h, m = _image_and_mask(hu, lung_mask)
+    a = np.asarray(affine, dtype=np.float64)
+    voxel_ml = float(abs(np.linalg.det(a[:3, :3]))) / 1000.0
+    label = _subtype_label(subtype_label, m.shape)
+    by_region, values = _region_counts(h, m, a, label)
     whole = by_region["whole"]
     report: dict[str, Any] = {
         "lung_volume_ml": float(int(whole.sum()) * voxel_ml),
         "laa950_percent": float(100.0 * int(whole[1].sum()) / int(whole.sum())),
         "perc15_hu": float(np.percentile(values.astype(np.float64), 15.0)),
-        "regions": {},
+        "regions": {name: _region_entry(by_region[name], voxel_ml, label is not None) for name in _REGIONS},
     }
-    for name in _REGIONS:
-        c = by_region[name]
-        n = int(c.sum())
-        laa = 100.0 * int(c[1].sum()) / n if n else None
-        entry: dict[str, Any] = {"volume_ml": n * voxel_ml, "laa950_percent": laa}
-        if label is not None:
-            per_label = c.sum(axis=0)
-            entry["subtype_fractions"] = {s: (float(per_label[v]) / n if n else None) for v, s in SUBTYPE_NAMES.items()}
-        report["regions"][name] = entry
     if label is not None:
         per_label, n = whole.sum(axis=0), int(whole.sum())
         fractions = {s: float(per_label[v]) / n for v, s in SUBTYPE_NAMES.items()}
