@@ -17,6 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (the README's test co
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("DRASCLR_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 # The longest test files, longest first (seconds of test time in docs/BENCHMARKS.md, "Test suite"). With
 # `pytest -n 2 --dist loadfile` each worker takes the next file in collection order when it is free: these start
@@ -48,7 +49,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The files of :data:`LONGEST_FILES_FIRST` first, in that order; the others after them, as collected."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-SHARED_DIR = Path(os.environ.get("DRASCLR_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
 def shared_path(*parts: str) -> Path:
