@@ -47,9 +47,13 @@ class _Pipeline:
         self.preprocessing, self.inferer, self.writer = preprocessing, inferer, writer
         self.done_file, self.overwrite, self.step_timings = done_file, overwrite, step_timings
 
+    def finished(self, name: str, output_dir: Path) -> bool:
+        """Whether the subject is done already and is to be skipped (its done file is there, no ``overwrite``)."""
+        return not self.overwrite and (output_dir / name / self.done_file).is_file()
+
     def __call__(self, path: Path, name: str, output_dir: Path) -> Outcome:
         subject_dir = output_dir / name
-        if not self.overwrite and (subject_dir / self.done_file).is_file():
+        if self.finished(name, output_dir):
             return "skipped"
         try:
             data = {"image": str(path), "subject": name}
@@ -161,11 +165,22 @@ class CohortRunner:
             return
         import multiprocessing
 
+        todo = []  # finished subjects are skipped here: no worker is started (about 10 s each) just to skip them
+        for path, name in work:
+            if self.pipeline.finished(name, self.output_dir):
+                yield name, "skipped"
+            else:
+                todo.append((path, name))
+        if not todo:
+            return
         context = multiprocessing.get_context("spawn")  # ITK and torch threads do not survive fork
         with ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start_worker, initargs=(self.pipeline, self.threads)
+            min(self.workers, len(todo)),
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(self.pipeline, self.threads),
         ) as pool:
-            futures = [pool.submit(_worker_run, path, name, self.output_dir) for path, name in work]
+            futures = [pool.submit(_worker_run, path, name, self.output_dir) for path, name in todo]
             for future in as_completed(futures):
                 yield future.result()
 
