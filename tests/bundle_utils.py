@@ -56,6 +56,18 @@ def run_bundle_cli(args: list[str], cwd: Path, timeout: float = 600) -> subproce
 PYTHON = sys.executable
 
 
+def run_workflow(config_file, bundle_root: Path, workflow_type: str | None = "infer", **overrides) -> None:
+    """A bundle's run in this process, as ``python -m monai.bundle run`` does it: initialize, run, finalize."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=config_file, workflow_type=workflow_type, bundle_root=str(bundle_root), **overrides
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
 def check_metadata(name: str) -> None:
     """The bundle's metadata validates against the 2024-07-25 schema in ../shared."""
     from monai.bundle import verify_metadata

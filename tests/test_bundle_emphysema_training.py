@@ -20,7 +20,7 @@ from drasclr_ext.checkpoint import load_bundle_weights, sha256sum
 from drasclr_ext.data.phantom import write_phantom_cohort
 from drasclr_ext.metrics.emphysema import laa950_percent
 from drasclr_ext.networks.segmentation import DrasCLRSegNet
-from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli
+from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli, run_workflow
 
 NAME = "drasclr_emphysema_subtype"
 # 2 iterations of 1 subject x 2 crops of 32^3; validation and evaluation on 64^3 windows without overlap, one at a
@@ -85,24 +85,19 @@ def test_a_broken_training_scan_is_listed_and_the_others_train(trained):
 
 
 def test_evaluate_writes_per_class_scores_and_laa950_errors(trained, monkeypatch):
-    from monai.bundle import ConfigWorkflow
-
     bundle, root = trained["bundle"], trained["root"]
     monkeypatch.chdir(root / "elsewhere")
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")],
-        meta_file=str(bundle / "configs" / "metadata.json"),
+    run_workflow(
+        [str(bundle / "configs" / f) for f in ("train.json", "evaluate.json")],
+        bundle,
         workflow_type=None,
-        bundle_root=str(bundle),
+        meta_file=str(bundle / "configs" / "metadata.json"),
         dataset_dir=str(trained["datalist"]),
         output_dir=str(root / "eval"),
         window=64,
         overlap=0.0,
         sw_batch_size=1,
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     assert not any((root / "elsewhere").iterdir())  # nothing written to the working directory
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert metrics["section"] == "test" and metrics["subjects_scored"] == 1

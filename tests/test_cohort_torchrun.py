@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli, write_small_phantom
+from tests.bundle_utils import PYTHON, bundle_dir, run_bundle_cli, run_workflow, write_small_phantom
 
 BUNDLE = bundle_dir("drasclr_emphysema_subtype")
 
@@ -24,17 +24,7 @@ def _overrides(output: Path, dataset: Path) -> dict:
 
 def _inference_here(output: Path, dataset: Path) -> None:
     """The single-process reference: the bundle's ``run`` in this process, with the overrides of :func:`_inference`."""
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        **_overrides(output, dataset),
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    run_workflow(str(BUNDLE / "configs" / "inference.json"), BUNDLE, **_overrides(output, dataset))
 
 
 def _inference(output: Path, dataset: Path, cwd: Path) -> str:

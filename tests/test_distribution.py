@@ -36,6 +36,7 @@ from tests.bundle_utils import (
     PYTHON,
     mirror_large_files,
     run_bundle_cli,
+    run_workflow,
     serve_folder,
     write_small_phantom,
 )
@@ -236,7 +237,7 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path, 
     """Download with MONAI from the local server (``monai.bundle download``, here in this process;
     tests/test_stranger_install.py runs its command line and a fresh process), run the downloaded bundle's inference
     on a small phantom from another working directory, then monai.bundle.load offline."""
-    from monai.bundle import ConfigWorkflow, download, load
+    from monai.bundle import download, load
 
     bundle_dir, elsewhere = tmp_path / "bundles", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -250,19 +251,15 @@ def test_end_to_end_emphysema_download_run_and_load(releases, server, tmp_path, 
     # 64^3 windows without overlap, one at a time (the fewest network seconds on a CPU) and no overview figure: this
     # checks the download, not the maps
     monkeypatch.chdir(elsewhere)
-    workflow = ConfigWorkflow(
-        config_file=str(root / "configs" / "inference.json"),
-        workflow_type="infer",
-        bundle_root=str(root),
+    run_workflow(
+        str(root / "configs" / "inference.json"),
+        root,
         dataset_dir=str(scans),
         output_dir=str(out),
         overlap=0.0,
         sw_batch_size=1,
         overview=False,
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
     assert not any(elsewhere.iterdir())
     report = json.loads((out / "small" / "report.json").read_text())
     assert report["model"]["weights_sha256"] == sha256sum(root / "models" / "model.pt")

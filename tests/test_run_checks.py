@@ -320,8 +320,11 @@ def test_drasclr_commands_report_our_errors_in_one_message_and_debug_shows_the_t
     assert "weights_only=False" not in proc.stderr
     debug = _run(args, DRASCLR_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+    command = ["preprocess", str(tmp_path / "none"), str(tmp_path / "o")]
     with pytest.raises(SystemExit) as ended:
-        main(["preprocess", str(tmp_path / "none"), str(tmp_path / "o")])
-    stderr = capsys.readouterr().err.strip().splitlines()
-    assert ended.value.code == 1 and stderr[-2].startswith("drasclr: error: ") and "does not exist" in stderr[-2]
-    assert stderr[-1] == "(set DRASCLR_DEBUG=1 to see the full traceback)"
+        main(command)
+    output = capsys.readouterr()
+    assert ended.value.code == 1
+    _assert_short_error(
+        subprocess.CompletedProcess(command, ended.value.code, output.out, output.err), "does not exist"
+    )

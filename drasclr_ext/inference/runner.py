@@ -52,9 +52,8 @@ class _Pipeline:
         return not self.overwrite and (output_dir / name / self.done_file).is_file()
 
     def __call__(self, path: Path, name: str, output_dir: Path) -> Outcome:
+        """Process one subject that is not :meth:`finished`: "done", or its failures.csv row."""
         subject_dir = output_dir / name
-        if self.finished(name, output_dir):
-            return "skipped"
         try:
             data = {"image": str(path), "subject": name}
             data = run_timed(self.preprocessing, data) if self.step_timings else self.preprocessing(data)
@@ -158,21 +157,20 @@ class CohortRunner:
         return self._finish(*merged, max(part[3] for part in parts))
 
     def _outcomes(self, work: Sequence[tuple[Path, str]]):
-        """(name, outcome) of each subject of ``work``, as they finish."""
-        if self.workers <= 1:
-            for path, name in work:
-                yield name, self.pipeline(path, name, self.output_dir)
-            return
-        import multiprocessing
-
-        todo = []  # finished subjects are skipped here: no worker is started (about 10 s each) just to skip them
+        """(name, outcome) of each subject of ``work``, as they finish. Finished subjects are skipped here, so that no
+        worker process is started (about 10 s each) only to skip them."""
+        todo = []
         for path, name in work:
             if self.pipeline.finished(name, self.output_dir):
                 yield name, "skipped"
+            elif self.workers <= 1:
+                yield name, self.pipeline(path, name, self.output_dir)
             else:
                 todo.append((path, name))
         if not todo:
             return
+        import multiprocessing
+
         context = multiprocessing.get_context("spawn")  # ITK and torch threads do not survive fork
         with ProcessPoolExecutor(
             min(self.workers, len(todo)),
